@@ -1,0 +1,44 @@
+"""eraser: the LLMEraser method on PEFT LoRA adapters (pure math: torch, transformers, peft)."""
+
+from eraser.errors import (
+    AdapterMismatchError,
+    EmptySelectionError,
+    EraserError,
+    InvalidRecordsError,
+    InvalidRequestError,
+    SolverDivergedError,
+    SolverNotConvergedError,
+    UnknownRecordError,
+)
+from eraser.influence import InfluenceSystem, Shard, SolveConfig
+from eraser.records import Record, load_records, record_losses, save_records
+from eraser.requests import Edit, EditRequest, apply_edits, build_edits, merge_edits
+from eraser.solvers import SolverReport
+from eraser.training import TrainConfig, add_lora, train_lora
+
+__all__ = [
+    "AdapterMismatchError",
+    "Edit",
+    "EditRequest",
+    "EmptySelectionError",
+    "EraserError",
+    "InfluenceSystem",
+    "InvalidRecordsError",
+    "InvalidRequestError",
+    "Record",
+    "Shard",
+    "SolveConfig",
+    "SolverDivergedError",
+    "SolverNotConvergedError",
+    "SolverReport",
+    "TrainConfig",
+    "UnknownRecordError",
+    "add_lora",
+    "apply_edits",
+    "build_edits",
+    "load_records",
+    "merge_edits",
+    "record_losses",
+    "save_records",
+    "train_lora",
+]

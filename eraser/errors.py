@@ -1,0 +1,33 @@
+"""Typed errors of the method. Messages name the field and the value at fault."""
+
+
+class EraserError(Exception):
+    """Base of every error the user can act on (the CLI prints it as one line)."""
+
+
+class InvalidRecordsError(EraserError, ValueError):
+    """Training records that cannot be read: malformed JSON Lines, missing fields, duplicate ids."""
+
+
+class InvalidRequestError(EraserError, ValueError):
+    """An erasure request that is malformed: wrong kind, replacements missing or not allowed."""
+
+
+class UnknownRecordError(InvalidRequestError, LookupError):
+    """A request names record ids (or subjects) that are not in the tenant's records."""
+
+
+class EmptySelectionError(InvalidRequestError):
+    """A request selects no record at all."""
+
+
+class AdapterMismatchError(EraserError):
+    """An adapter that does not belong to the given base model (shapes, names or vocabulary differ)."""
+
+
+class SolverDivergedError(EraserError, ArithmeticError):
+    """The inverse-HVP solve produced non-finite values or a residual that keeps growing."""
+
+
+class SolverNotConvergedError(EraserError, ArithmeticError):
+    """The solve hit its iteration cap above the residual tolerance."""

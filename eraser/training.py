@@ -1,0 +1,125 @@
+"""LoRA training, deterministic for a seed: onboarding a tenant and the retrained "gold" adapter.
+
+It minimises the same loss the influence system differentiates (:func:`eraser.records.record_losses`),
+so the gold adapter and the erased adapter answer the same question.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from eraser.errors import EraserError
+from eraser.records import Record, collate, record_losses
+
+logger = logging.getLogger(__name__)
+
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The LoRA training recipe (the tenant's, and the gold retrain's)."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ALL_LINEAR
+    epochs: int = 3
+    lr: float = 1e-3
+    batch_size: int = 8
+    weight_decay: float = 0.0
+    seed: int = 0
+    max_length: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("rank", "epochs", "batch_size", "max_length"):
+            if getattr(self, name) < 1:
+                raise EraserError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if not self.lr > 0:
+            raise EraserError(f"lr must be > 0, got {self.lr!r}")
+        if not 0 <= self.dropout < 1:
+            raise EraserError(f"dropout must be in [0, 1), got {self.dropout!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainReport:
+    steps: int = 0
+    epochs: int = 0
+    records: int = 0
+    final_loss: float = float("nan")
+    wall_time_s: float = 0.0
+    loss_history: list[float] = field(default_factory=list)
+
+
+def add_lora(base_model, config: TrainConfig):
+    """Wrap a base model with a fresh LoRA adapter (PEFT), initialised from ``config.seed``."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(config.seed)
+    lora = LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=list(config.target_modules),
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
+    return get_peft_model(base_model, lora)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    order = list(range(n))
+    random.Random(seed * 7919 + epoch).shuffle(order)
+    return order
+
+
+def train_lora(
+    model,
+    tokenizer,
+    records: Sequence[Record],
+    config: TrainConfig,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> TrainReport:
+    """Train the LoRA parameters of a PEFT ``model`` in place with AdamW on the mean record loss."""
+    if not records:
+        raise EraserError("no training records")
+    torch.manual_seed(config.seed)
+    params = [p for name, p in model.named_parameters() if "lora_" in name]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    steps_per_epoch = (len(records) + config.batch_size - 1) // config.batch_size
+    total = steps_per_epoch * config.epochs
+    report = TrainReport(records=len(records))
+    started = time.perf_counter()
+    model.train()
+    for epoch in range(config.epochs):
+        order = epoch_order(len(records), config.seed, epoch)
+        for start in range(0, len(order), config.batch_size):
+            chunk = [records[i] for i in order[start : start + config.batch_size]]
+            loss = record_losses(model, collate(chunk, tokenizer, config.max_length)).mean()
+            if not torch.isfinite(loss):
+                raise EraserError(f"training loss became non-finite at step {report.steps} (lower --lr)")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            report.steps += 1
+            report.loss_history.append(float(loss))
+            if progress:
+                progress(report.steps, total, float(loss))
+        report.epochs = epoch + 1
+    model.eval()
+    report.final_loss = report.loss_history[-1]
+    report.wall_time_s = time.perf_counter() - started
+    logger.info("trained LoRA on %d records: %d steps, final loss %.4f, %.1fs",
+                len(records), report.steps, report.final_loss, report.wall_time_s)
+    return report
