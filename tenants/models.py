@@ -1,0 +1,460 @@
+"""Everything persisted or sent across Ray/HTTP: records, requests, receipts, configs, manifests.
+
+Pydantic v2 models, ``extra="forbid"``, one description per field. JSON round-trips exactly
+(``model_dump_json`` / ``model_validate_json``); timestamps are timezone-aware UTC.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Iterator
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+from tenants.errors import InvalidRequestError, InvalidTransitionError, UnknownRecordError
+from tenants.paths import (
+    validate_adapter_version,
+    validate_data_version,
+    validate_request_id,
+    validate_tenant_name,
+)
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def producer_version() -> str:
+    """``llm-eraser-service <version>``: stamped on every artifact the store writes."""
+    try:
+        from importlib.metadata import version
+
+        return f"llm-eraser-service {version('llm-eraser-service')}"
+    except Exception:  # not installed (source checkout): still say who wrote it
+        return "llm-eraser-service unknown"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ---------------------------------------------------------------- records and requests
+
+
+class Record(_Model):
+    """One training record of a tenant (a line of its JSON Lines dataset)."""
+
+    id: str = Field(min_length=1, max_length=512, description="record id, unique within the tenant's dataset")
+    subject: str | None = Field(None, description="the data subject (end user) the record is about, if any")
+    prompt: str = Field(description="the prompt (conditioning text)")
+    response: str = Field(description="the response the adapter is trained to produce")
+
+
+class Replacement(_Model):
+    """The edited field of one record: ``{"prompt": ...}`` or ``{"response": ...}``."""
+
+    prompt: str | None = Field(None, description="new prompt (kind modify_query)")
+    response: str | None = Field(None, description="new response (kind correct_response)")
+
+
+ErasureKind = Literal["remove", "modify_query", "correct_response"]
+_REPLACED_FIELD = {"modify_query": "prompt", "correct_response": "response"}
+
+
+class ErasureRequest(_Model):
+    """A client's erasure or correction request (DESIGN.md, "Erasure request").
+
+    Rules: exactly one of ``records``/``subjects`` is non-empty; ``replacements`` is forbidden for
+    ``remove`` and, for ``modify_query`` (prompt only) / ``correct_response`` (response only),
+    must give exactly one replacement per selected record (checked against the dataset by
+    :meth:`resolve` when the selection is by subject).
+    """
+
+    request_id: str = Field(description="the client's idempotency key: the same id twice is one erasure")
+    tenant: str = Field(description="tenant whose records are erased")
+    kind: ErasureKind = Field(description="remove | modify_query (new prompts) | correct_response (new responses)")
+    records: list[str] | None = Field(None, description="record ids selected (exclusive with subjects)")
+    subjects: list[str] | None = Field(None, description="data subjects whose records are all selected")
+    replacements: dict[str, Replacement] | None = Field(
+        None, description="record id -> new prompt/response; required for modify_query and correct_response"
+    )
+
+    @field_validator("request_id")
+    @classmethod
+    def _request_id(cls, value: str) -> str:
+        return validate_request_id(value)
+
+    @field_validator("tenant")
+    @classmethod
+    def _tenant(cls, value: str) -> str:
+        return validate_tenant_name(value)
+
+    @field_validator("records", "subjects")
+    @classmethod
+    def _selection(cls, value: list[str] | None, info: Any) -> list[str] | None:
+        if value is None:
+            return None
+        if any(not item for item in value):
+            raise ValueError(f"{info.field_name} must not contain empty strings")
+        duplicates = sorted({item for item in value if value.count(item) > 1})
+        if duplicates:
+            raise ValueError(f"{info.field_name} lists {duplicates[:5]} more than once")
+        return value
+
+    @model_validator(mode="after")
+    def _rules(self) -> ErasureRequest:
+        if bool(self.records) == bool(self.subjects):
+            raise ValueError("exactly one of 'records' and 'subjects' must be a non-empty list")
+        if self.kind == "remove":
+            if self.replacements:
+                raise ValueError("'replacements' is not allowed for kind 'remove'")
+            return self
+        field = _REPLACED_FIELD[self.kind]
+        if not self.replacements:
+            raise ValueError(f"kind {self.kind!r} needs 'replacements' ({{id: {{{field!r}: ...}}}})")
+        for record_id, replacement in self.replacements.items():
+            given = {name for name in ("prompt", "response") if getattr(replacement, name) is not None}
+            if given != {field}:
+                raise ValueError(
+                    f"replacement for record {record_id!r} must set only {field!r} for kind {self.kind!r}, got {sorted(given)}"
+                )
+        if self.records:
+            missing = [r for r in self.records if r not in self.replacements]
+            extra = sorted(set(self.replacements) - set(self.records))
+            if missing:
+                raise ValueError(f"no replacement for selected records {missing[:5]}")
+            if extra:
+                raise ValueError(f"replacements for records that are not selected: {extra[:5]}")
+        return self
+
+    def resolve(self, records: Iterable[Record]) -> list[str]:
+        """The ids of the records this request selects, reading ``records`` once (streaming).
+
+        Order: the request's order for ``records``, the dataset's order for ``subjects``.
+        Raises UnknownRecordError for ids not in the dataset or a subject with no record, and
+        InvalidRequestError when a subject selection and its replacements do not match.
+        """
+        if self.records:
+            wanted = set(self.records)
+            found: set[str] = set()
+            for record in records:
+                if record.id in wanted:
+                    found.add(record.id)
+            unknown = [r for r in self.records if r not in found]
+            if unknown:
+                raise UnknownRecordError(
+                    f"request {self.request_id!r}: tenant {self.tenant!r} has no records {unknown[:10]}"
+                    + (f" (and {len(unknown) - 10} more)" if len(unknown) > 10 else "")
+                )
+            return list(self.records)
+        subjects = set(self.subjects or ())
+        selected: list[str] = []
+        matched: set[str] = set()
+        for record in records:
+            if record.subject is not None and record.subject in subjects:
+                selected.append(record.id)
+                matched.add(record.subject)
+        unmatched = [s for s in self.subjects or () if s not in matched]
+        if unmatched:
+            raise UnknownRecordError(
+                f"request {self.request_id!r}: tenant {self.tenant!r} has no records about subjects {unmatched[:10]}"
+            )
+        if self.kind != "remove":
+            replacements = self.replacements or {}
+            missing = [r for r in selected if r not in replacements]
+            extra = sorted(set(replacements) - set(selected))
+            if missing or extra:
+                raise InvalidRequestError(
+                    f"request {self.request_id!r}: replacements must cover exactly the selected records; "
+                    f"missing {missing[:5]}, not selected {extra[:5]}"
+                )
+        return selected
+
+    def edit(self, record: Record) -> Record | None:
+        """The record after this request: None if removed, edited if replaced, else unchanged.
+
+        Only meaningful for records in :meth:`resolve`'s selection; others pass through.
+        """
+        if self.kind == "remove":
+            return None
+        replacement = (self.replacements or {}).get(record.id)
+        if replacement is None:
+            return record
+        field = _REPLACED_FIELD[self.kind]
+        return record.model_copy(update={field: getattr(replacement, field)})
+
+    def apply(self, records: Iterable[Record], selected: Iterable[str]) -> Iterator[Record]:
+        """The dataset after this request, given the ids :meth:`resolve` returned (streaming)."""
+        chosen = set(selected)
+        for record in records:
+            if record.id not in chosen:
+                yield record
+                continue
+            edited = self.edit(record)
+            if edited is not None:
+                yield edited
+
+
+# ---------------------------------------------------------------- receipts
+
+
+class ReceiptStatus(str, enum.Enum):
+    """Where an erasure request stands. Terminal: published, rejected."""
+
+    pending = "pending"
+    running = "running"
+    published = "published"
+    failed = "failed"
+    rejected = "rejected"
+
+
+# pending -> running -> published | failed | rejected; running -> pending re-queues a request
+# whose coordinator died; failed -> pending retries it (an operator's decision).
+ALLOWED_TRANSITIONS: dict[ReceiptStatus, frozenset[ReceiptStatus]] = {
+    ReceiptStatus.pending: frozenset({ReceiptStatus.running, ReceiptStatus.rejected, ReceiptStatus.failed}),
+    ReceiptStatus.running: frozenset(
+        {ReceiptStatus.published, ReceiptStatus.failed, ReceiptStatus.rejected, ReceiptStatus.pending}
+    ),
+    ReceiptStatus.failed: frozenset({ReceiptStatus.pending}),
+    ReceiptStatus.published: frozenset(),
+    ReceiptStatus.rejected: frozenset(),
+}
+_STATUS_TIMESTAMP = {
+    ReceiptStatus.running: "started_at",
+    ReceiptStatus.published: "published_at",
+    ReceiptStatus.failed: "failed_at",
+    ReceiptStatus.rejected: "rejected_at",
+}
+
+ErasurePath = Literal["influence", "influence+remediation", "retrain"]
+
+
+class PurgeEntry(_Model):
+    """One superseded version deleted by purge."""
+
+    kind: Literal["adapter", "data", "adapter-partial", "data-partial"] = Field(
+        description="what was deleted; '-partial' = an upload that never committed"
+    )
+    version: str = Field(description="the version deleted, e.g. v000003 or d000003")
+    key: str = Field(description="the S3 key prefix that was deleted")
+    objects: int = Field(0, ge=0, description="number of objects deleted under that prefix")
+    request_ids: list[str] = Field(default_factory=list, description="published erasures whose records it held")
+    deleted_at: datetime = Field(description="when it was deleted (UTC)")
+
+
+class Receipt(_Model):
+    """The ledger entry of one erasure request: the request, its status and the evidence."""
+
+    request: ErasureRequest = Field(description="the request as submitted")
+    status: ReceiptStatus = Field(ReceiptStatus.pending, description="pending|running|published|failed|rejected")
+    created_at: datetime = Field(default_factory=utcnow, description="when the request was recorded")
+    updated_at: datetime = Field(default_factory=utcnow, description="last change of this receipt")
+    started_at: datetime | None = Field(None, description="when it entered 'running'")
+    published_at: datetime | None = Field(None, description="when its adapter went live (HEAD moved)")
+    failed_at: datetime | None = Field(None, description="when it entered 'failed'")
+    rejected_at: datetime | None = Field(None, description="when it entered 'rejected'")
+    old_adapter_version: str | None = Field(None, description="HEAD's adapter before the erasure")
+    new_adapter_version: str | None = Field(None, description="adapter version published by the erasure")
+    old_data_version: str | None = Field(None, description="HEAD's data version before the erasure")
+    new_data_version: str | None = Field(None, description="data version without the erased records")
+    records_affected: list[str] = Field(default_factory=list, description="ids of the records removed or edited")
+    solver: dict[str, Any] = Field(default_factory=dict, description="solver report (iterations, residual, damping, wall time)")
+    checks: dict[str, Any] = Field(default_factory=dict, description="fidelity checks (losses before/after, membership test)")
+    path: ErasurePath | None = Field(None, description="what produced the adapter: influence | influence+remediation | retrain")
+    stages: dict[str, float] = Field(default_factory=dict, description="seconds spent per stage")
+    purged: list[PurgeEntry] = Field(default_factory=list, description="superseded versions deleted and when")
+    replicas_switched_at: datetime | None = Field(None, description="when every serving replica dropped the old adapter")
+    error: str | None = Field(None, description="why it failed or was rejected")
+
+    _etag: str | None = PrivateAttr(None)
+
+    @property
+    def tenant(self) -> str:
+        return self.request.tenant
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def terminal(self) -> bool:
+        return not ALLOWED_TRANSITIONS[self.status]
+
+    def transition(self, new_status: ReceiptStatus | str, **fields: Any) -> Receipt:
+        """Move to ``new_status`` (InvalidTransitionError if not allowed), set ``fields``, stamp times.
+
+        Mutates and returns ``self``.
+        """
+        new_status = ReceiptStatus(new_status)
+        if new_status not in ALLOWED_TRANSITIONS[self.status]:
+            raise InvalidTransitionError(
+                f"request {self.request_id!r} of tenant {self.tenant!r}: cannot go from "
+                f"{self.status.value!r} to {new_status.value!r}"
+            )
+        now = utcnow()
+        self.update(**fields)
+        self.status = new_status
+        stamp = _STATUS_TIMESTAMP.get(new_status)
+        if stamp and stamp not in fields:
+            setattr(self, stamp, now)
+        self.updated_at = now
+        return self
+
+    def update(self, **fields: Any) -> Receipt:
+        """Set fields (validated) without changing the status; stamps ``updated_at``. Returns ``self``."""
+        for name in ("status", "request", "created_at"):
+            if name in fields:
+                raise InvalidTransitionError(f"receipt field {name!r} cannot be set by update()")
+        for name, value in fields.items():
+            if name not in type(self).model_fields:
+                raise InvalidTransitionError(f"receipt has no field {name!r}")
+            setattr(self, name, value)
+        self.updated_at = utcnow()
+        return self
+
+
+# ---------------------------------------------------------------- tenant configuration
+
+
+DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class LoraRecipe(_Model):
+    """The LoRA shape of a tenant's adapter."""
+
+    rank: int = Field(8, ge=1, le=1024, description="LoRA rank r")
+    alpha: float = Field(16, gt=0, description="LoRA alpha (scale = alpha / rank)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout during training (off for HVPs)")
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_TARGET_MODULES), min_length=1, description="module names LoRA wraps"
+    )
+
+
+class TrainingRecipe(_Model):
+    """How a tenant's adapter is trained (onboarding and the exact-retrain fallback)."""
+
+    epochs: int = Field(3, ge=1, description="passes over the training split")
+    lr: float = Field(2e-4, gt=0, description="learning rate")
+    batch_size: int = Field(8, ge=1, description="records per optimiser step")
+    seed: int = Field(0, description="seed for shuffling, the held-out split and initialisation")
+    heldout_fraction: float = Field(
+        0.1, ge=0, lt=1, description="share of records never trained on (membership-test reference)"
+    )
+    max_length: int = Field(512, ge=8, description="token limit of prompt + response")
+
+
+class KeyHash(_Model):
+    """A tenant API key as stored: a salted scrypt hash, never the key."""
+
+    key_id: str = Field(description="public identifier embedded in the key (selects this hash)")
+    salt: str = Field(description="random salt, hex")
+    hash: str = Field(description="scrypt(key, salt), hex")
+    algorithm: Literal["scrypt"] = Field("scrypt", description="key derivation function")
+    n: int = Field(2**14, description="scrypt cost parameter N")
+    r: int = Field(8, description="scrypt block size r")
+    p: int = Field(1, description="scrypt parallelism p")
+    label: str | None = Field(None, description="free-form note (who or what uses the key)")
+    created_at: datetime = Field(default_factory=utcnow, description="when it was issued")
+
+
+class TenantConfig(_Model):
+    """``tenant.json``: the base model, LoRA and training recipe, and API key hashes of a tenant."""
+
+    name: str = Field(description="tenant name (lowercase letters, digits, '-')")
+    base_model: str = Field(min_length=1, description="model name under models/, an s3:// URI or a local path")
+    lora: LoraRecipe = Field(default_factory=LoraRecipe, description="LoRA shape")
+    training: TrainingRecipe = Field(default_factory=TrainingRecipe, description="training recipe")
+    key_hashes: list[KeyHash] = Field(default_factory=list, description="hashes of the tenant's API keys")
+    created_at: datetime = Field(default_factory=utcnow, description="when the tenant was created")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return validate_tenant_name(value)
+
+    def public(self) -> dict[str, Any]:
+        """The config without key hashes (for display)."""
+        data = self.model_dump(mode="json", exclude={"key_hashes"})
+        data["keys"] = [
+            {"key_id": k.key_id, "label": k.label, "created_at": k.created_at.isoformat()} for k in self.key_hashes
+        ]
+        return data
+
+
+# ---------------------------------------------------------------- versions
+
+
+class Head(_Model):
+    """``HEAD.json``: the live adapter and data version of a tenant."""
+
+    adapter: str = Field(description="live adapter version")
+    data: str = Field(description="live data version (the records the adapter reflects)")
+    updated_at: datetime | None = Field(None, description="when HEAD was moved (makes every HEAD.json distinct)")
+
+    @field_validator("adapter")
+    @classmethod
+    def _adapter(cls, value: str) -> str:
+        return validate_adapter_version(value)
+
+    @field_validator("data")
+    @classmethod
+    def _data(cls, value: str) -> str:
+        return validate_data_version(value)
+
+
+class AdapterManifest(_Model):
+    """``eraser.json`` of an adapter version: what it is, where it came from, how it was checked.
+
+    The store fills ``version``, ``tenant``, ``files``, ``sha256``, ``created_at`` and ``producer``
+    on publish; the caller supplies the lineage and evidence.
+    """
+
+    version: str | None = Field(None, description="adapter version (allocated by the store on publish)")
+    parent_version: str | None = Field(None, description="adapter version it was derived from")
+    data_version: str | None = Field(None, description="data version it reflects")
+    tenant: str | None = Field(None, description="owning tenant (set by the store)")
+    base_model: str | None = Field(None, description="base model it applies to")
+    sha256: str | None = Field(None, description="sha256 of adapter_model.safetensors")
+    files: dict[str, str] = Field(default_factory=dict, description="file name -> sha256 of every file but eraser.json")
+    request_ids: list[str] = Field(default_factory=list, description="erasure requests applied to produce it")
+    solver: dict[str, Any] | None = Field(None, description="solver report")
+    checks: dict[str, Any] | None = Field(None, description="fidelity checks")
+    path: ErasurePath | Literal["train"] | None = Field(
+        None, description="how it was produced: train | influence | influence+remediation | retrain"
+    )
+    arguments: dict[str, Any] | None = Field(None, description="method arguments used to produce it")
+    created_at: datetime = Field(default_factory=utcnow, description="when it was published")
+    producer: str = Field(default_factory=producer_version, description="package and version that wrote it")
+
+
+class ShardInfo(_Model):
+    """One gzip JSON Lines shard of a data version."""
+
+    name: str = Field(description="file name, e.g. part-00000.jsonl.gz")
+    records: int = Field(ge=0, description="records in the shard")
+    sha256: str = Field(description="sha256 of the compressed shard")
+    bytes: int = Field(ge=0, description="compressed size")
+
+
+class DataManifest(_Model):
+    """``dataset.json`` of a data version: its completion marker, written last."""
+
+    version: str = Field(description="data version")
+    tenant: str = Field(description="owning tenant")
+    parent: str | None = Field(None, description="data version it was derived from")
+    request_ids: list[str] = Field(default_factory=list, description="erasure requests applied to produce it")
+    records: int = Field(ge=0, description="total number of records")
+    shards: list[ShardInfo] = Field(default_factory=list, description="shards in order")
+    created_at: datetime = Field(default_factory=utcnow, description="when it was committed")
+    producer: str = Field(default_factory=producer_version, description="package and version that wrote it")
+
+
+class ModelManifest(_Model):
+    """``eraser-model.json`` of a base model upload: its completion marker, written last."""
+
+    name: str = Field(description="model name under models/")
+    files: dict[str, str] = Field(description="relative file name -> sha256")
+    created_at: datetime = Field(default_factory=utcnow, description="when it was uploaded")
+    producer: str = Field(default_factory=producer_version, description="package and version that wrote it")
