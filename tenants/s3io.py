@@ -222,9 +222,9 @@ class S3IO:
             deleted += len(batch)
         return deleted
 
-    def delete_prefix(self, prefix: str, first: str | None = None) -> int:
-        """Delete everything under ``prefix``; ``first`` (e.g. the commit marker) goes before the rest."""
-        keys = [info.key for info in self.list(prefix)]
+    def delete_prefix(self, prefix: str, first: str | None = None, keep: set[str] | None = None) -> int:
+        """Delete everything under ``prefix`` but ``keep``; ``first`` (the commit marker) goes first."""
+        keys = [info.key for info in self.list(prefix) if info.key not in (keep or set())]
         count = 0
         if first is not None and first in keys:
             count += self.delete_keys([first])

@@ -2,12 +2,14 @@
 
 Write protocol (why a half-written version is never visible):
 - a new data/adapter version number is *claimed* first with a conditional create of
-  ``<version>/_claim.json`` (``IfNoneMatch="*"``), so two writers never share a number;
+  ``<version>/_claim.json`` (``IfNoneMatch="*"``), so two writers never share a number. The claim
+  stays for good (purge keeps it too): a number, once taken, is never reused, so a version name
+  always means the same bytes to every cache (vLLM keys LoRA caches by name);
 - the files are uploaded, then the commit marker is written LAST, also conditionally:
   ``dataset.json`` for data, ``eraser.json`` for adapters, ``eraser-model.json`` for models;
-- only versions with a commit marker are listed, downloaded or accepted by ``move_head``; the
-  claim is removed after the commit. Uploads that never commit are cleaned up on failure, or by
-  purge once older than ``orphan_seconds``.
+- only versions with a commit marker are listed, downloaded or accepted by ``move_head``.
+  Uploads that never commit are cleaned up on failure, or by purge once older than
+  ``orphan_seconds``.
 - HEAD.json moves only by compare-and-swap (``IfNoneMatch="*"`` to create, ``IfMatch`` the ETag
   read), and every HEAD.json carries its time so two HEADs never share an ETag.
 """
@@ -223,10 +225,9 @@ class TenantStore:
                 version=version, tenant=tenant, parent=parent, request_ids=request_ids, records=total, shards=shards
             )
         except BaseException:
-            self._abandon(written + [self._claim_key(tenant, "data", version)])
+            self._abandon(written)
             raise
         self.io.put_model(self.layout.data_manifest(tenant, version), manifest, if_none_match=True)
-        self._release_claim(tenant, "data", version)
         logger.info("tenant %s: data version %s committed (%d records, %d shards)", tenant, version, total, len(shards))
         return version
 
@@ -290,11 +291,10 @@ class TenantStore:
             )
             final = AdapterManifest.model_validate(final.model_dump())
         except BaseException:
-            self._abandon(written + [self._claim_key(tenant, "adapter", version)])
+            self._abandon(written)
             raise
         # The commit point. If this write fails ambiguously the files stay for purge to collect.
         self.io.put_model(self.layout.adapter_manifest(tenant, version), final, if_none_match=True)
-        self._release_claim(tenant, "adapter", version)
         logger.info("tenant %s: adapter version %s published (%d files)", tenant, version, len(files))
         return version
 
@@ -576,7 +576,7 @@ class TenantStore:
             else:
                 prefix = self.layout.data_dir(tenant, candidate.version)
                 marker = self.layout.data_manifest(tenant, candidate.version)
-            count = 0 if dry_run else self.io.delete_prefix(prefix, first=marker)
+            count = 0 if dry_run else self.io.delete_prefix(prefix, first=marker, keep={prefix + CLAIM_FILE})
             entries.append(PurgeEntry(kind=candidate.kind, version=candidate.version, key=prefix, objects=count,
                                       request_ids=list(candidate.request_ids), deleted_at=utcnow()))
         entries += self._purge_orphans(tenant, protected, now, dry_run)
@@ -611,6 +611,9 @@ class TenantStore:
                     groups.setdefault(name, []).append(info)
             for version, infos in sorted(groups.items()):
                 if version in protected or any(i.key == f"{root}{version}/{marker}" for i in infos):
+                    continue
+                infos = [i for i in infos if i.key != f"{root}{version}/{CLAIM_FILE}"]  # claims stay
+                if not infos:
                     continue
                 if max(i.last_modified for i in infos) > cutoff:
                     continue  # possibly an upload still in flight
@@ -745,12 +748,6 @@ class TenantStore:
             except PreconditionLost:
                 number += 1
         raise ConflictError(f"tenant {tenant!r}: could not claim a new {kind} version")
-
-    def _release_claim(self, tenant: str, kind: str, version: str) -> None:
-        try:
-            self.io.delete_keys([self._claim_key(tenant, kind, version)])
-        except Exception as error:  # harmless leftover: the version is committed
-            logger.warning("tenant %s: could not remove claim of %s %s: %s", tenant, kind, version, error)
 
     def _abandon(self, keys: list[str]) -> None:
         """Best-effort removal of an upload that will never commit."""

@@ -83,7 +83,7 @@ def test_bad_records_leave_no_version(store):
     with pytest.raises(InvalidRecordsError, match="line|:2:"):
         store.put_dataset("acme", parse_jsonl(['{"id": "a", "prompt": "p", "response": "r"}', "{oops"]))
     assert store.list_data_versions("acme") == []
-    assert list(store.io.list(store.layout.data_root("acme"))) == []
+    assert all(i.key.endswith("/_claim.json") for i in store.io.list(store.layout.data_root("acme")))
 
 
 def test_adapter_publish_download_verify(store, tmp_path):
@@ -213,9 +213,11 @@ def test_bucket_layout_is_exactly_designs(s3_server, tmp_path):
         "models/tiny-llama/eraser-model.json",
         "tenants/acme/HEAD.json",
         "tenants/acme/adapters/v000001/README.md",
+        "tenants/acme/adapters/v000001/_claim.json",
         "tenants/acme/adapters/v000001/adapter_config.json",
         "tenants/acme/adapters/v000001/adapter_model.safetensors",
         "tenants/acme/adapters/v000001/eraser.json",
+        "tenants/acme/data/d000001/_claim.json",
         "tenants/acme/data/d000001/dataset.json",
         "tenants/acme/data/d000001/part-00000.jsonl.gz",
         "tenants/acme/erasures/req-1.json",
