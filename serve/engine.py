@@ -248,7 +248,11 @@ class VLLMEngine(Engine):
         return set(await self._llm.list_loras())
 
     async def reset_prefix_cache(self) -> bool:
-        return bool(await self._llm.reset_prefix_cache())
+        if await self._llm.reset_prefix_cache():
+            return True
+        # Blocks still held by running requests make the plain reset refuse. Preempt them: they go
+        # back to the queue and recompute their KV (their outputs so far are kept), and the reset succeeds.
+        return bool(await self._llm.reset_prefix_cache(reset_running_requests=True))
 
     async def shutdown(self) -> None:
         if self._llm is not None:
