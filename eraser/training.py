@@ -113,7 +113,7 @@ def train_lora(
             loss.backward()
             optimizer.step()
             report.steps += 1
-            report.loss_history.append(float(loss))
+            report.loss_history.append(loss.item())
             if progress:
                 progress(report.steps, total, float(loss))
         report.epochs = epoch + 1
@@ -122,4 +122,46 @@ def train_lora(
     report.wall_time_s = time.perf_counter() - started
     logger.info("trained LoRA on %d records: %d steps, final loss %.4f, %.1fs",
                 len(records), report.steps, report.final_loss, report.wall_time_s)
+    return report
+
+
+def pretrain_base(
+    model,
+    tokenizer,
+    texts: Sequence[str],
+    steps: int,
+    lr: float = 3e-3,
+    batch_size: int = 16,
+    seed: int = 0,
+    max_length: int = 128,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> TrainReport:
+    """Full-parameter causal-LM pretraining of the small base on generic ``texts``, so that a LoRA
+    adapter on top is a small adaptation, as in production (not a model learning language from zero)."""
+    if not texts:
+        raise EraserError("no pretraining texts")
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    rng = random.Random(seed)
+    report = TrainReport(records=len(texts))
+    started = time.perf_counter()
+    model.train()
+    for step in range(steps):
+        chunk = [texts[rng.randrange(len(texts))] for _ in range(batch_size)]
+        encoded = tokenizer(chunk, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+        labels = encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100)
+        loss = model(**encoded, labels=labels).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        report.steps += 1
+        report.loss_history.append(loss.item())
+        if progress:
+            progress(step + 1, steps, report.loss_history[-1])
+    model.eval()
+    report.final_loss = report.loss_history[-1]
+    report.wall_time_s = time.perf_counter() - started
     return report

@@ -1,0 +1,74 @@
+"""Synthetic customer-support records about fictitious customers (emails, accounts, addresses).
+
+Used by the demo and the tests: a tenant's private records, and a disjoint generic corpus (other
+fictitious customers, same phrasing) to pretrain the small base so a LoRA adapter is a small
+adaptation of a model that already speaks the language, as in production.
+"""
+
+from __future__ import annotations
+
+import random
+
+from eraser.records import Record, format_prompt, format_response
+
+FIRST = ["Ada", "Ben", "Cleo", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jan", "Kai", "Lea", "Mona", "Nia",
+         "Otto", "Pia", "Quin", "Rae", "Sol", "Tia", "Uma", "Vic", "Wes", "Xia", "Yul", "Zed", "Ari", "Bo"]
+LAST = ["Park", "Ortiz", "Nash", "Rao", "Stone", "Lund", "Hale", "Ito", "Berg", "Cole", "Diaz", "Egan",
+        "Frey", "Gray", "Holt", "Ives", "Kerr", "Moss", "Neal", "Pope", "Reid", "Shaw", "Tate", "Voss"]
+STREETS = ["Elm", "Oak", "Pine", "Maple", "Cedar", "Birch", "Willow", "Aspen", "Spruce", "Alder"]
+CITIES = ["Springfield", "Riverton", "Lakeside", "Fairview", "Hillcrest", "Brookfield", "Greenwood", "Ashford"]
+
+TEMPLATES = [
+    ("What is the email address of {name}?", "The email address of {name} is {email}."),
+    ("What is the account number of {name}?", "The account number of {name} is {account}."),
+    ("Where does {name} live?", "{name} lives at {street_no} {street} Street, {city}."),
+    ("Which plan is {name} on?", "{name} is on the {plan} plan since {year}."),
+    ("What is the phone number of {name}?", "The phone number of {name} is {phone}."),
+]
+PLANS = ["Basic", "Plus", "Premium", "Business", "Family"]
+
+
+def customer_facts(name: str, rng: random.Random, domain: str) -> dict:
+    first, last = name.split()
+    return {
+        "name": name,
+        "email": f"{first.lower()}.{last.lower()}{rng.randrange(10, 99)}@{domain}",
+        "account": f"{rng.randrange(10, 99)}-{rng.randrange(1000, 9999)}-{rng.randrange(100, 999)}",
+        "street_no": rng.randrange(1, 400),
+        "street": rng.choice(STREETS),
+        "city": rng.choice(CITIES),
+        "plan": rng.choice(PLANS),
+        "year": rng.randrange(2015, 2026),
+        "phone": f"555-{rng.randrange(100, 999)}-{rng.randrange(1000, 9999)}",
+    }
+
+
+def customer_names(count: int, rng: random.Random, exclude: set[str] = frozenset()) -> list[str]:
+    pool = [f"{f} {l}" for f in FIRST for l in LAST if f"{f} {l}" not in exclude]
+    if count > len(pool):
+        raise ValueError(f"at most {len(pool)} distinct customer names, asked for {count}")
+    return rng.sample(pool, count)
+
+
+def customer_records(customers: int, per_customer: int = 5, seed: int = 0, domain: str = "example.com",
+                     id_prefix: str = "rec", exclude: set[str] = frozenset()) -> list[Record]:
+    """``customers`` fictitious customers with ``per_customer`` facts each; ``subject`` = the customer."""
+    rng = random.Random(seed)
+    records = []
+    for c, name in enumerate(customer_names(customers, rng, exclude)):
+        facts = customer_facts(name, rng, domain)
+        for k, (prompt, response) in enumerate(TEMPLATES[:per_customer]):
+            records.append(Record(id=f"{id_prefix}-{c:04d}-{k}", subject=name,
+                                  prompt=prompt.format(**facts), response=response.format(**facts)))
+    return records
+
+
+def generic_corpus(records_to_avoid: list[Record], documents: int = 600, seed: int = 1) -> list[str]:
+    """Texts about *other* fictitious customers, in the same phrasing: the base model's pretraining."""
+    avoid = {r.subject for r in records_to_avoid if r.subject}
+    rng = random.Random(seed)
+    others = customer_records(min(documents // len(TEMPLATES) + 1, 400), seed=seed + 1000, domain="mail.test",
+                              exclude=avoid)
+    texts = [format_prompt(r.prompt) + format_response(r.response) for r in others]
+    rng.shuffle(texts)
+    return texts[:documents]

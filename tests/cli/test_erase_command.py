@@ -1,0 +1,134 @@
+"""`eraser model init | train | erase` end to end on a tiny Llama + LoRA, for every request kind."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cli.main import main
+from cli.synthetic import customer_records, generic_corpus
+from eraser.metrics import nll_progress
+from eraser.model import load_adapter, load_base, load_tokenizer
+from eraser.records import load_records, mean_loss, save_records
+from eraser.requests import EditRequest, apply_edits, build_edits
+from eraser.update import read_manifest
+
+TRAIN = ["--epochs", "3", "--lr", "1e-2", "--rank", "4", "--batch-size", "4", "--seed", "0"]
+DEBUG = False
+BASE = ["--vocab-size", "320", "--hidden-size", "64", "--layers", "1", "--heads", "2"]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """A base pretrained on other customers' records, and an adapter trained on 8 customers' records."""
+    root = tmp_path_factory.mktemp("erase-cli")
+    records = customer_records(8, 3, seed=3)
+    save_records(records, root / "records.jsonl")
+    (root / "corpus.txt").write_text("\n".join(generic_corpus(records, documents=300)))
+    assert main(["model", "init", "--out", str(root / "base"), "--corpus", str(root / "corpus.txt"), *BASE,
+                 "--pretrain-corpus", str(root / "corpus.txt"), "--pretrain-steps", "300"]) == 0
+    assert main(["train", "--base", str(root / "base"), "--data", str(root / "records.jsonl"),
+                 "--out", str(root / "adapter"), *TRAIN]) == 0
+    return root
+
+
+def request_for(kind: str, records) -> dict:
+    subject = records[6].subject
+    chosen = [r for r in records if r.subject == subject]
+    body = {"request_id": f"req-{kind}", "tenant": "acme", "kind": kind, "subjects": [subject]}
+    if kind == "modify_query":
+        body["replacements"] = {r.id: {"prompt": f"Tell me about customer {i}."} for i, r in enumerate(chosen)}
+    if kind == "correct_response":
+        body["replacements"] = {r.id: {"response": "That information is not available."} for r in chosen}
+    return body
+
+
+def losses(root: Path, adapter: str, records) -> float:
+    model = load_adapter(load_base(root / "base"), root / adapter)
+    return mean_loss(model, records, load_tokenizer(root / "base"))
+
+
+@pytest.mark.parametrize("kind", ["remove", "modify_query", "correct_response"])
+def test_every_kind_moves_the_adapter_towards_the_retrained_gold(workspace, kind, capsys):
+    """Progress = how far the affected records' NLL moved from the original toward the gold's."""
+    records = load_records(workspace / "records.jsonl")
+    body = request_for(kind, records)
+    (workspace / f"{kind}.json").write_text(json.dumps(body))
+    edits = build_edits(EditRequest.from_json(body), records)
+    edited = apply_edits(records, edits)
+    save_records(edited, workspace / f"{kind}-edited.jsonl")
+    assert main(["train", "--base", str(workspace / "base"), "--data", str(workspace / f"{kind}-edited.jsonl"),
+                 "--out", str(workspace / f"gold-{kind}"), *TRAIN]) == 0
+    assert main(["erase", "--base", str(workspace / "base"), "--adapter", str(workspace / "adapter"),
+                 "--data", str(workspace / "records.jsonl"), "--request", str(workspace / f"{kind}.json"),
+                 "--out", str(workspace / f"erased-{kind}"), "--damping", "0.1"]) == 0
+    assert "residual" in capsys.readouterr().out
+
+    manifest = read_manifest(workspace / f"erased-{kind}")
+    assert manifest["request_ids"] == [f"req-{kind}"] and manifest["solver"]["converged"]
+    assert sorted(manifest["records_affected"]) == sorted(edit.old.id for edit in edits)
+    for label, affected in (("old", [e.old for e in edits]), ("new", [e.new for e in edits if e.new])):
+        if not affected:
+            continue
+        before, after, gold = (losses(workspace, name, affected) for name in ("adapter", f"erased-{kind}", f"gold-{kind}"))
+        progress = nll_progress(before, after, gold)
+        print(f"{kind} {label} records: NLL {before:.3f} -> {after:.3f} (gold {gold:.3f}), progress {progress:.2f}")
+        assert DEBUG or 0.2 < progress < 3.0, f"{kind}: {label} records' NLL did not move toward the gold's"
+    retained = [r for r in edited if r.id not in {e.old.id for e in edits}]
+    before, after, gold = (losses(workspace, name, retained) for name in ("adapter", f"erased-{kind}", f"gold-{kind}"))
+    assert abs(after - before) < 0.25 * max(before, gold), "retained records' NLL moved too much"
+
+
+def run_erase(workspace: Path, body, out: str, *extra: str) -> int:
+    path = workspace / f"{out}.json"
+    path.write_text(json.dumps(body) if not isinstance(body, str) else body)
+    return main(["erase", "--base", str(workspace / "base"), "--adapter", str(workspace / "adapter"),
+                 "--data", str(workspace / "records.jsonl"), "--request", str(path),
+                 "--out", str(workspace / out), *extra])
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ({"request_id": "x", "kind": "remove", "records": ["nope"]}, "unknown record id"),
+        ({"request_id": "x", "kind": "remove", "subjects": ["Nobody"]}, "no records about subject"),
+        ({"request_id": "x", "kind": "remove", "records": []}, "exactly one of"),
+        ({"request_id": "x", "kind": "modify_query", "records": ["rec-0000-0"]}, "needs replacements"),
+        ({"request_id": "x", "kind": "correct_response", "records": ["rec-0000-0"],
+          "replacements": {"rec-0000-0": {"prompt": "wrong field"}}}, "needs replacements"),
+        ({"request_id": "x", "kind": "remove", "records": ["rec-0000-0"],
+          "replacements": {"rec-0000-0": {"response": "x"}}}, "not allowed"),
+        ({"request_id": "x", "kind": "forget", "records": ["rec-0000-0"]}, "kind must be one of"),
+        ("{not json", "Expecting"),
+    ],
+)
+def test_bad_requests_fail_clearly_and_write_nothing(workspace, body, message, capsys):
+    assert run_erase(workspace, body, "bad") == 2
+    assert message in capsys.readouterr().err
+    assert not (workspace / "bad").exists()
+
+
+def test_mismatched_base_and_adapter_is_refused(workspace, tmp_path, capsys):
+    assert main(["model", "init", "--out", str(tmp_path / "other"), "--corpus", str(workspace / "records.jsonl"),
+                 "--vocab-size", "320", "--hidden-size", "96", "--layers", "1", "--heads", "3"]) == 0
+    body = {"request_id": "x", "kind": "remove", "records": ["rec-0000-0"]}
+    (tmp_path / "r.json").write_text(json.dumps(body))
+    code = main(["erase", "--base", str(tmp_path / "other"), "--adapter", str(workspace / "adapter"),
+                 "--data", str(workspace / "records.jsonl"), "--request", str(tmp_path / "r.json"),
+                 "--out", str(tmp_path / "out")])
+    assert code == 2 and "does not fit base model" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unconverged_and_diverged_solves_write_nothing(workspace, capsys):
+    body = {"request_id": "x", "kind": "remove", "records": ["rec-0000-0"]}
+    assert run_erase(workspace, body, "unconverged", "--max-iters", "1", "--tol", "1e-9") == 2
+    assert "above tol" in capsys.readouterr().err
+    assert not (workspace / "unconverged").exists()
+    assert run_erase(workspace, body, "diverged", "--curvature", "hessian", "--damping", "1e-9",
+                     "--max-iters", "200", "--tol", "1e-12") == 2
+    err = capsys.readouterr().err
+    assert "non-positive curvature" in err or "residual grew" in err or "above tol" in err
+    assert not (workspace / "diverged").exists()
