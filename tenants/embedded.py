@@ -11,6 +11,7 @@ the server enforces them; one server per data directory (a lock file says so).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import logging
@@ -22,7 +23,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, IO
@@ -38,6 +41,16 @@ PORT_RANGE = (20000, 30000)  # base ports; their gRPC twins land in 30000-40000
 COMPONENTS = ("s3", "master", "volume", "filer", "admin")
 HOME_ENV = "ERASER_HOME"
 DEFAULT_HOME = ".eraser"
+
+
+_RUNNING: weakref.WeakSet[EmbeddedS3] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all() -> None:
+    for server in list(_RUNNING):
+        with contextlib.suppress(Exception):
+            server.stop()
 
 
 def find_weed() -> str:
@@ -75,7 +88,12 @@ def pick_ports(count: int) -> list[int]:
     raise EmbeddedServerError(f"could not find {count} free port pairs on {HOST}")
 
 
-def _die_with_parent() -> None:  # runs in the child before exec (Linux: SIGTERM when we die)
+def _die_with_parent() -> None:
+    """Runs in the child before exec: SIGTERM when the parent dies (Linux).
+
+    The kernel ties this to the *thread* that forked, so it is only used from the main thread;
+    servers started from other threads rely on ``stop()`` and the atexit hook.
+    """
     try:
         import ctypes
 
@@ -137,6 +155,8 @@ class EmbeddedS3:
         if self.running:
             return self
         weed = self.weed or find_weed()
+        if not (os.path.isfile(weed) and os.access(weed, os.X_OK)):
+            raise EmbeddedServerError(f"SeaweedFS binary {weed!r} is not an executable file")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._acquire_lock()
         try:
@@ -211,8 +231,11 @@ class EmbeddedS3:
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            preexec_fn=_die_with_parent
+            if sys.platform.startswith("linux") and threading.current_thread() is threading.main_thread()
+            else None,
         )
+        _RUNNING.add(self)
         self._wait_ready()
 
     def _wait_ready(self) -> None:

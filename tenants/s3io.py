@@ -57,6 +57,13 @@ def make_client(settings: StoreSettings) -> Any:
         response_checksum_validation="when_required",
     )
     region = settings.region or ("us-east-1" if settings.endpoint else None)
+    try:
+        return _client(boto3, settings, region, config)
+    except BotoCoreError as error:
+        raise StoreError(f"cannot configure an S3 client for {settings.describe()}: {error}") from error
+
+
+def _client(boto3: Any, settings: StoreSettings, region: str | None, config: Any) -> Any:
     return boto3.session.Session().client(
         "s3",
         endpoint_url=settings.endpoint,
