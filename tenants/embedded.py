@@ -214,7 +214,7 @@ class EmbeddedS3:
         command = [
             weed, "mini", f"-dir={self.data_dir}", f"-ip={HOST}", f"-ip.bind={HOST}",
             "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
-            "-master.telemetry=false",
+            "-master.telemetry=false", "-volume.preStopSeconds=0",
         ]
         for component, port in self.ports.items():
             command += [f"-{component}.port={port}", f"-{component}.port.grpc={port + GRPC_OFFSET}"]

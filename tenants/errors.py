@@ -31,6 +31,10 @@ class TenantExistsError(TenantError):
     """``create_tenant`` for a name that is already taken."""
 
 
+class InvalidConfigError(TenantError, ValueError):
+    """A tenant configuration (or other model input) that fails validation; one-line message."""
+
+
 class InvalidRecordsError(TenantError, ValueError):
     """Malformed JSON Lines (the message names the line), invalid or duplicate records."""
 
