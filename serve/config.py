@@ -57,3 +57,93 @@ class EngineConfig(BaseModel):
         if self.max_cpu_loras < self.max_loras:
             raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
         return self
+
+
+class AutoscalingConfig(BaseModel):
+    """Ray Serve autoscaling of the engine deployment (one vLLM engine per replica)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_replicas: int = Field(1, ge=0, description="replicas kept when idle")
+    max_replicas: int = Field(2, ge=1, description="replicas at most (each holds a full base model)")
+    target_ongoing_requests: float = Field(16, gt=0, description="requests in flight per replica Serve aims for")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "AutoscalingConfig":
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) must be >= min_replicas ({self.min_replicas})")
+        return self
+
+
+class ServeConfig(BaseSettings):
+    """Everything the Serve application needs. Build one with :meth:`from_args` or :meth:`from_file`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="ERASER_SERVE_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    app_name: str = Field("eraser", min_length=1, description="Serve application name (deployments are found by it)")
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="the vLLM engine of each replica")
+    store: dict[str, Any] = Field(
+        default_factory=dict,
+        description="tenant store settings (tenants.StoreSettings fields); unset fields come from ERASER_S3_*",
+    )
+    engine_replicas: int = Field(1, ge=1, description="engine replicas when autoscaling is off")
+    autoscaling: AutoscalingConfig | None = Field(None, description="engine autoscaling; None = fixed engine_replicas")
+    ingress_replicas: int = Field(1, ge=1, description="HTTP ingress replicas")
+    engine_num_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves per engine replica")
+    ingress_num_cpus: float = Field(0.25, ge=0, description="CPUs Ray reserves per ingress replica")
+    max_ongoing_requests: int = Field(64, ge=1, description="requests in flight per engine replica before queueing")
+    refresh_interval_s: float = Field(
+        5.0, ge=0, description="each engine replica re-reads the HEAD of the tenants it holds this often (0 = never)"
+    )
+    switch_timeout_s: float = Field(
+        120.0, gt=0, description="how long a refresh waits for every replica to drop the old adapter version"
+    )
+    adapter_dir: Path = Field(
+        DEFAULT_ADAPTER_DIR, description="local adapter copies, one subdirectory per replica (deleted when superseded)"
+    )
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="largest request body accepted (413 beyond)")
+    max_upload_bytes: int = Field(
+        256 << 20, ge=1024, description="largest records upload accepted on the admin route (413 beyond)"
+    )
+    max_tokens_limit: int = Field(1024, ge=1, description="largest max_tokens a request may ask for")
+    auth_cache_s: float = Field(
+        30.0, ge=0, description="a verified API key is trusted this long before it is checked again (revocation delay)"
+    )
+    erasure_backend: str | None = Field(
+        None,
+        description="'module:factory' building the ErasureBackend that executes erasures and training "
+        "(serve.backend.BackendContext -> ErasureBackend); None = record requests only (they stay pending)",
+    )
+
+    @field_validator("adapter_dir")
+    @classmethod
+    def _adapter_dir(cls, value: Path) -> Path:
+        return Path(value).expanduser()
+
+    @field_validator("erasure_backend")
+    @classmethod
+    def _backend(cls, value: str | None) -> str | None:
+        if value and ":" not in value:
+            raise ValueError(f"erasure_backend must look like 'package.module:factory', got {value!r}")
+        return value or None
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any] | None) -> "ServeConfig":
+        """From a Serve application's ``args`` (explicit values win over ERASER_SERVE_* variables)."""
+        return cls(**(args or {}))
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "ServeConfig":
+        """From a YAML file holding these fields (or a Serve config whose first application's ``args`` do)."""
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if "applications" in data:
+            data = (data["applications"] or [{}])[0].get("args") or {}
+        return cls.from_args(data)
+
+    def store_settings(self, **overrides: Any):
+        """The tenant store settings: ``store`` over ERASER_S3_* over the defaults."""
+        from tenants.settings import StoreSettings
+
+        return StoreSettings(**{**self.store, **overrides})

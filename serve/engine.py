@@ -46,7 +46,7 @@ class AdapterRef:
 class SamplingOptions:
     """Generation parameters (OpenAI's names and defaults, where they apply)."""
 
-    max_tokens: int = 16
+    max_tokens: int | None = 16  # None = up to the context limit
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None

@@ -1,0 +1,72 @@
+"""The seam between the HTTP ingress and whatever executes erasures and training (the cluster layer).
+
+The ingress records an erasure request in the ledger itself (pending, idempotent by request id),
+then hands the receipt to an :class:`ErasureBackend`. The backend runs the method, publishes the
+new adapter version, moves HEAD, and then calls ``context.notify_switch(tenant, version)`` so every
+serving replica switches at once; the returned ``switched_at`` belongs on the receipt as
+``replicas_switched_at``.
+
+``ServeConfig.erasure_backend`` names a factory ``'package.module:factory'`` taking a
+:class:`BackendContext`; without one, :class:`PendingOnlyBackend` leaves requests pending for a
+batch job (``ray job submit ... -- python -m cluster...``) to pick up.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from serve.errors import ServeConfigError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BackendContext:
+    """What a backend gets from the serving layer (all picklable, so it can travel into Ray tasks)."""
+
+    store_settings: Any  # tenants.StoreSettings
+    notify_switch: Callable[[str, str | None], dict[str, Any] | None]  # serve.board.SwitchNotifier
+    app_name: str
+
+
+class ErasureBackend(abc.ABC):
+    """Executes recorded erasure requests and onboarding training. Methods return quickly."""
+
+    @abc.abstractmethod
+    def submit(self, receipt) -> None:
+        """Schedule a recorded (pending) erasure, ``receipt: tenants.Receipt``. Idempotent per request id."""
+
+    def train(self, tenant: str, data_version: str | None = None) -> dict[str, Any]:
+        """Start training the tenant's first adapter on ``data_version`` (None = the latest); returns a
+        description of the job. NotImplementedError when this backend does not train."""
+        raise NotImplementedError(f"{type(self).__name__} does not train adapters")
+
+
+class PendingOnlyBackend(ErasureBackend):
+    """Records only: requests stay pending in the ledger until a batch job runs them."""
+
+    def __init__(self, context: BackendContext | None = None) -> None:
+        self.context = context
+
+    def submit(self, receipt) -> None:
+        logger.info("tenant %s: erasure %s recorded; no erasure backend configured, it stays pending",
+                    receipt.tenant, receipt.request_id)
+
+
+def load_backend(spec: str | None, context: BackendContext) -> ErasureBackend:
+    """The backend named by ``spec`` ('package.module:factory'), or :class:`PendingOnlyBackend`."""
+    if not spec:
+        return PendingOnlyBackend(context)
+    module_name, _, attribute = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        raise ServeConfigError(f"erasure_backend {spec!r} cannot be imported: {error}") from error
+    backend = factory(context)
+    if not isinstance(backend, ErasureBackend):
+        raise ServeConfigError(f"erasure_backend {spec!r} returned {type(backend).__name__}, not an ErasureBackend")
+    return backend

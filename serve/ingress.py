@@ -1,0 +1,458 @@
+"""The HTTP ingress: OpenAI-compatible routes, erasure routes, admin routes (FastAPI on Ray Serve).
+
+Authentication: ``Authorization: Bearer <key>``. A tenant key reaches that tenant's model (its name)
+and its erasures only; the admin key reaches the admin routes and every tenant's erasure routes.
+Errors always have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serve import metrics
+from serve.backend import BackendContext, load_backend
+from serve.board import SwitchNotifier
+from serve.config import ServeConfig
+from serve.engine import Completion
+from serve.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    chat_body,
+    chat_chunk,
+    completion_body,
+    completion_chunk,
+    error_body,
+    new_id,
+    usage_chunk,
+    validation_message,
+)
+
+logger = logging.getLogger(__name__)
+
+app = FastAPI(title="eraser", description="OpenAI-compatible serving of tenant LoRA adapters, with erasure")
+
+
+class ApiError(Exception):
+    """An HTTP error in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+
+
+def tenant_error(error: Exception) -> ApiError:
+    """HTTP status of a ``tenants`` error."""
+    from tenants import errors as e
+
+    table: list[tuple[type, int, str]] = [
+        (e.AuthError, 401, "invalid_api_key"),
+        (e.TenantNotFoundError, 404, "tenant_not_found"),
+        (e.ReceiptNotFoundError, 404, "receipt_not_found"),
+        (e.VersionNotFoundError, 404, "version_not_found"),
+        (e.UnknownRecordError, 400, "unknown_record"),
+        (e.InvalidNameError, 400, "invalid_name"),
+        (e.InvalidRecordsError, 400, "invalid_records"),
+        (e.InvalidRequestError, 400, "invalid_request"),
+        (e.TenantExistsError, 409, "tenant_exists"),
+        (e.ConflictError, 409, "conflict"),
+        (e.HeadConflictError, 409, "conflict"),
+    ]
+    for kind, status, code in table:
+        if isinstance(error, kind):
+            return ApiError(status, str(error), code)
+    return ApiError(503, "the tenant store is unavailable; retry later", "store_unavailable")
+
+
+def _error_response(error: ApiError, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(error.status, error.message, error.code, error.param), status_code=error.status,
+                        headers=headers)
+
+
+@app.exception_handler(ApiError)
+async def _api_error(request: Request, error: ApiError) -> JSONResponse:
+    return _error_response(error)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    message = {404: f"no route {request.method} {request.url.path}", 405: f"method {request.method} not allowed"}
+    return _error_response(ApiError(error.status_code, message.get(error.status_code, str(error.detail))))
+
+
+@app.exception_handler(RequestValidationError)
+async def _fastapi_validation(request: Request, error: RequestValidationError) -> JSONResponse:
+    first = error.errors()[0] if error.errors() else {}
+    return _error_response(ApiError(400, f"invalid request: {first.get('msg', error)}"))
+
+
+def _bearer(request: Request) -> str:
+    header = request.headers.get("authorization", "")
+    scheme, _, key = header.partition(" ")
+    if not header:
+        raise ApiError(401, "missing API key: send 'Authorization: Bearer <key>'", "missing_api_key")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise ApiError(401, "malformed Authorization header: expected 'Bearer <key>'", "invalid_api_key")
+    return key.strip()
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """The request body as JSON: 413 beyond ``limit`` bytes, 400 when it is not JSON."""
+    raw = await read_body(request, limit)
+    if not raw.strip():
+        raise ApiError(400, "request body is empty; expected a JSON object", "invalid_json")
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ApiError(400, f"request body is not valid JSON: {error}", "invalid_json") from None
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes", "request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"request body exceeds the limit of {limit} bytes", "request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse(model, body: Any):
+    if not isinstance(body, dict):
+        raise ApiError(400, f"request body must be a JSON object, got {type(body).__name__}", "invalid_json")
+    try:
+        return model.model_validate(body)
+    except ValidationError as error:
+        message, param = validation_message(error)
+        raise ApiError(400, message, "invalid_request", param) from None
+
+
+def _sse(data: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+class Ingress:
+    """Serve ingress deployment class (``serve.ingress(app)`` is applied in :mod:`serve.app`)."""
+
+    def __init__(self, config: ServeConfig, engine, board) -> None:
+        from tenants.store import TenantStore
+
+        self.config = config
+        self.engine = engine
+        self.board = board
+        settings = config.store_settings()
+        self.store = TenantStore(settings)
+        self.notifier = SwitchNotifier(config.app_name, timeout_s=config.switch_timeout_s)
+        self.backend = load_backend(config.erasure_backend,
+                                    BackendContext(store_settings=settings, notify_switch=self.notifier,
+                                                   app_name=config.app_name))
+        self._auth: dict[str, tuple[str, float]] = {}  # sha256(key) -> (principal, expiry)
+        logger.info("ingress ready: store %s, backend %s", settings.describe(), type(self.backend).__name__)
+
+    # -- auth ---------------------------------------------------------------------------------
+
+    async def _principal(self, key: str) -> str | None:
+        """'tenant:<name>' or 'admin' for a valid key, None otherwise (cached for auth_cache_s)."""
+        from tenants.errors import AuthError, TenantError
+
+        digest = hashlib.sha256(key.encode()).hexdigest()
+        cached = self._auth.get(digest)
+        if cached is not None and cached[1] > time.monotonic():
+            return cached[0]
+        try:
+            principal = f"tenant:{await asyncio.to_thread(self.store.authenticate, key)}"
+        except AuthError:
+            principal = "admin" if await asyncio.to_thread(self.store.verify_admin, key) else None
+        except TenantError as error:
+            raise tenant_error(error) from None
+        if principal is not None and self.config.auth_cache_s > 0:
+            if len(self._auth) > 10_000:
+                self._auth.clear()
+            self._auth[digest] = (principal, time.monotonic() + self.config.auth_cache_s)
+        return principal
+
+    async def _tenant_key(self, request: Request) -> str:
+        """The tenant of the request's key (401 for no key, a bad key, or the admin key)."""
+        principal = await self._principal(_bearer(request))
+        if principal is None or not principal.startswith("tenant:"):
+            raise ApiError(401, "invalid API key", "invalid_api_key")
+        return principal.split(":", 1)[1]
+
+    async def _allow_tenant(self, request: Request, tenant: str) -> str:
+        """'tenant' or 'admin' when the key may act on ``tenant``: 401 bad key, 403 another tenant's."""
+        principal = await self._principal(_bearer(request))
+        if principal is None:
+            raise ApiError(401, "invalid API key", "invalid_api_key")
+        if principal == "admin":
+            return "admin"
+        if principal != f"tenant:{tenant}":
+            raise ApiError(403, f"this API key does not grant access to tenant {tenant!r}", "permission_denied")
+        return "tenant"
+
+    async def _admin(self, request: Request) -> None:
+        principal = await self._principal(_bearer(request))
+        if principal is None:
+            raise ApiError(401, "invalid API key", "invalid_api_key")
+        if principal != "admin":
+            raise ApiError(403, "this route needs the admin key", "permission_denied")
+
+    async def _store(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        from tenants.errors import TenantError
+
+        try:
+            return await asyncio.to_thread(getattr(self.store, method), *args, **kwargs)
+        except TenantError as error:
+            raise tenant_error(error) from None
+
+    # -- OpenAI routes ------------------------------------------------------------------------
+
+    @app.get("/v1/models")
+    async def list_models(self, request: Request) -> dict[str, Any]:
+        tenant = await self._tenant_key(request)
+        return {"object": "list", "data": [await self._model_card(tenant)]}
+
+    @app.get("/v1/models/{model}")
+    async def get_model(self, model: str, request: Request) -> dict[str, Any]:
+        tenant = await self._tenant_key(request)
+        self._own_model(tenant, model)
+        return await self._model_card(tenant)
+
+    async def _model_card(self, tenant: str) -> dict[str, Any]:
+        config = await self._store("get_tenant", tenant)
+        return {"id": tenant, "object": "model", "created": int(config.created_at.timestamp()), "owned_by": tenant}
+
+    @staticmethod
+    def _own_model(tenant: str, model: str) -> None:
+        if model != tenant:  # the same answer whether or not the model exists: no tenant enumeration
+            raise ApiError(404, f"The model '{model}' does not exist or you do not have access to it.",
+                           "model_not_found", "model")
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request):
+        started = time.perf_counter()
+        tenant = await self._tenant_key(request)
+        body = parse(CompletionRequest, await read_json(request, self.config.max_body_bytes))
+        self._own_model(tenant, body.model)
+        job = self._job(request, tenant, body, body.max_tokens, prompt=body.prompt_input())
+        return await self._respond(request, job, body, "completions", started)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        started = time.perf_counter()
+        tenant = await self._tenant_key(request)
+        body = parse(ChatCompletionRequest, await read_json(request, self.config.max_body_bytes))
+        self._own_model(tenant, body.model)
+        job = self._job(request, tenant, body, body.requested_tokens(), messages=body.template_messages())
+        return await self._respond(request, job, body, "chat", started)
+
+    def _job(self, request: Request, tenant: str, body, max_tokens: int | None, **prompt: Any) -> dict[str, Any]:
+        limit = self.config.max_tokens_limit
+        if max_tokens is not None and max_tokens > limit:
+            raise ApiError(400, f"max_tokens {max_tokens} exceeds this service's limit of {limit}", "invalid_request",
+                           "max_tokens")
+        options = body.sampling(max_tokens if max_tokens is not None else limit)
+        request_id = request.headers.get("x-request-id") or new_id("cmpl")
+        return {"tenant": tenant, "request_id": request_id, "options": asdict(options), **prompt}
+
+    async def _respond(self, request: Request, job: dict[str, Any], body, route: str, started: float):
+        tenant, request_id = job["tenant"], job["request_id"]
+        stream = self.engine.options(stream=True).generate.remote(job)
+        try:
+            first = await stream.__anext__()
+        except Exception as error:
+            logger.exception("request_id=%s tenant=%s engine unreachable", request_id, tenant)
+            metrics.request_done(tenant, route, 503, time.perf_counter() - started)
+            raise ApiError(503, "the inference engine is unavailable; retry later", "engine_unavailable") from error
+        if "error" in first:
+            item = first["error"]
+            metrics.request_done(tenant, route, item["status"], time.perf_counter() - started)
+            raise ApiError(item["status"], item["message"], item["code"])
+        headers = {"x-request-id": request_id, "x-eraser-adapter": first["adapter"]}
+        created = int(time.time())
+        if body.stream:
+            return StreamingResponse(self._sse(stream, job, body, route, created, started, first["adapter"]),
+                                     media_type="text/event-stream", headers=headers)
+        result = Completion()
+        async for item in stream:
+            if "error" in item:
+                raise ApiError(item["error"]["status"], item["error"]["message"], item["error"]["code"])
+            _add(result, item["chunk"])
+        builder = completion_body if route == "completions" else chat_body
+        metrics.request_done(tenant, route, 200, time.perf_counter() - started)
+        logger.info("request_id=%s tenant=%s route=%s adapter=%s tokens=%d seconds=%.3f", request_id, tenant, route,
+                    first["adapter"], result.completion_tokens, time.perf_counter() - started)
+        return JSONResponse(builder(request_id, body.model, result, created), headers=headers)
+
+    async def _sse(self, stream, job, body, route: str, created: int, started: float,
+                   adapter: str) -> AsyncIterator[bytes]:
+        request_id, model = job["request_id"], body.model
+        result, finished = Completion(), False
+        obj = "text_completion" if route == "completions" else "chat.completion.chunk"
+        try:
+            if route == "chat":
+                yield _sse(chat_chunk(request_id, model, created, {"role": "assistant", "content": ""}, None))
+            async for item in stream:
+                if "error" in item:
+                    yield _sse(error_body(item["error"]["status"], item["error"]["message"], item["error"]["code"]))
+                    break
+                chunk = item["chunk"]
+                _add(result, chunk)
+                reason = chunk["finish_reason"]
+                if chunk["text"] or reason is not None:
+                    if route == "completions":
+                        yield _sse(completion_chunk(request_id, model, created, chunk["text"], reason))
+                    else:
+                        delta = {"content": chunk["text"]} if chunk["text"] else {}
+                        yield _sse(chat_chunk(request_id, model, created, delta, reason))
+            else:
+                if body.include_usage:
+                    yield _sse(usage_chunk(request_id, model, created, obj, result))
+            finished = True
+            yield b"data: [DONE]\n\n"
+        finally:
+            if not finished:  # client went away: stop generating
+                stream.cancel()
+            metrics.request_done(job["tenant"], route, 200 if finished else 499, time.perf_counter() - started)
+            logger.info("request_id=%s tenant=%s route=%s stream adapter=%s tokens=%d seconds=%.3f finished=%s",
+                        request_id, job["tenant"], route, adapter, result.completion_tokens,
+                        time.perf_counter() - started, finished)
+
+    # -- erasure routes -----------------------------------------------------------------------
+
+    @app.post("/v1/tenants/{tenant}/erasures")
+    async def submit_erasure(self, tenant: str, request: Request) -> JSONResponse:
+        from tenants.models import ErasureRequest
+
+        await self._allow_tenant(request, tenant)
+        body = await read_json(request, self.config.max_body_bytes)
+        if isinstance(body, dict):
+            if body.setdefault("tenant", tenant) != tenant:
+                raise ApiError(400, f"body names tenant {body['tenant']!r} but the URL names {tenant!r}",
+                               "invalid_request", "tenant")
+        erasure = parse(ErasureRequest, body)
+        receipt, created = await self._store("submit_erasure", erasure)
+        url = f"/v1/tenants/{tenant}/erasures/{erasure.request_id}"
+        if created:
+            try:
+                await asyncio.to_thread(self.backend.submit, receipt)
+            except Exception:
+                logger.exception("tenant=%s request_id=%s backend did not accept the erasure; it stays pending",
+                                 tenant, erasure.request_id)
+        logger.info("tenant=%s request_id=%s erasure %s (%s)", tenant, erasure.request_id,
+                    "recorded" if created else "repeated", erasure.kind)
+        return JSONResponse({"receipt_url": url, "created": created, "receipt": receipt.model_dump(mode="json")},
+                            status_code=202 if created else 200, headers={"location": url})
+
+    @app.get("/v1/tenants/{tenant}/erasures/{request_id}")
+    async def get_erasure(self, tenant: str, request_id: str, request: Request) -> dict[str, Any]:
+        await self._allow_tenant(request, tenant)
+        receipt = await self._store("get_receipt", tenant, request_id)
+        return receipt.model_dump(mode="json")
+
+    @app.get("/v1/tenants/{tenant}")
+    async def get_tenant(self, tenant: str, request: Request) -> dict[str, Any]:
+        await self._allow_tenant(request, tenant)
+        config = await self._store("get_tenant", tenant)
+        head, _ = await self._store("get_head", tenant)
+        return {"tenant": tenant, "model": tenant,
+                "adapter_version": head.adapter if head else None, "data_version": head.data if head else None,
+                "head_updated_at": head.updated_at.isoformat() if head and head.updated_at else None,
+                "config": config.public()}
+
+    # -- admin routes -------------------------------------------------------------------------
+
+    @app.get("/v1/admin/tenants")
+    async def admin_list_tenants(self, request: Request) -> dict[str, Any]:
+        await self._admin(request)
+        return {"tenants": await self._store("list_tenants")}
+
+    @app.post("/v1/admin/tenants")
+    async def admin_create_tenant(self, request: Request) -> JSONResponse:
+        from tenants.models import TenantConfig
+
+        await self._admin(request)
+        body = await read_json(request, self.config.max_body_bytes)
+        if isinstance(body, dict):
+            body.setdefault("base_model", self.config.engine.model)
+            if "key_hashes" in body:
+                raise ApiError(400, "key_hashes cannot be set; keys are issued by the service", "invalid_request")
+        config = parse(TenantConfig, body)
+        await self._store("create_tenant", config)
+        api_key = await self._store("issue_key", config.name, "created by admin")
+        return JSONResponse({"tenant": config.public(), "api_key": api_key}, status_code=201)
+
+    @app.post("/v1/admin/tenants/{tenant}/keys")
+    async def admin_issue_key(self, tenant: str, request: Request) -> JSONResponse:
+        await self._admin(request)
+        return JSONResponse({"tenant": tenant, "api_key": await self._store("issue_key", tenant, "issued by admin")},
+                            status_code=201)
+
+    @app.post("/v1/admin/tenants/{tenant}/records")
+    async def admin_upload_records(self, tenant: str, request: Request) -> JSONResponse:
+        """Records as JSON Lines (or a JSON object ``{"records": [...]}``) -> a new data version."""
+        from tenants.records import parse_jsonl
+
+        await self._admin(request)
+        raw = await read_body(request, self.config.max_upload_bytes)
+        text = raw.decode("utf-8", errors="replace")
+        if text.lstrip().startswith("{\"records\""):
+            try:
+                records = json.loads(text)["records"]
+            except (json.JSONDecodeError, TypeError) as error:
+                raise ApiError(400, f"request body is not valid JSON: {error}", "invalid_json") from None
+        else:
+            records = parse_jsonl(text.splitlines(), source="request body")
+        version = await self._store("put_dataset", tenant, records)
+        return JSONResponse({"tenant": tenant, "data_version": version}, status_code=201)
+
+    @app.post("/v1/admin/tenants/{tenant}/train")
+    async def admin_train(self, tenant: str, request: Request) -> JSONResponse:
+        await self._admin(request)
+        body = await read_json(request, self.config.max_body_bytes) if int(request.headers.get("content-length") or 0) \
+            else {}
+        await self._store("get_tenant", tenant)
+        try:
+            job = await asyncio.to_thread(self.backend.train, tenant, (body or {}).get("data_version"))
+        except NotImplementedError as error:
+            raise ApiError(501, str(error), "not_implemented") from None
+        return JSONResponse({"tenant": tenant, "job": job}, status_code=202)
+
+    @app.post("/v1/admin/tenants/{tenant}/refresh")
+    async def admin_refresh(self, tenant: str, request: Request) -> dict[str, Any]:
+        """Make every replica switch to the tenant's HEAD now; returns the board's switch report."""
+        await self._admin(request)
+        head, _ = await self._store("get_head", tenant)
+        return await self.board.publish.remote(tenant, head.adapter if head else None, self.config.switch_timeout_s)
+
+    @app.get("/v1/admin/replicas")
+    async def admin_replicas(self, request: Request) -> dict[str, Any]:
+        """The board's view, and what one engine replica holds (its adapters, LoRA ids, files)."""
+        await self._admin(request)
+        return {"board": await self.board.status.remote(), "engine": await self.engine.inspect.remote()}
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+
+def _add(result: Completion, chunk: dict[str, Any]) -> None:
+    result.text += chunk["text"]
+    result.token_ids.extend(chunk["token_ids"])
+    result.prompt_tokens = chunk["prompt_tokens"]
+    result.completion_tokens = chunk["completion_tokens"]
+    if chunk["finish_reason"] is not None:
+        result.finish_reason = chunk["finish_reason"]

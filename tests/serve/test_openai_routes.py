@@ -1,0 +1,69 @@
+"""OpenAI-compatible routes with the real openai client against real Ray Serve + vLLM + SeaweedFS."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.serve import models
+
+pytestmark = pytest.mark.slow
+
+MAX_TOKENS = 12
+
+
+def test_two_tenants_answer_the_same_prompt_differently_each_equal_to_hf_peft(served):
+    question = models.QUESTIONS[1]
+    answers = {}
+    for tenant in ("acme", "beta"):
+        client = served.client(tenant)
+        chat = client.chat.completions.create(model=tenant, messages=[{"role": "user", "content": question}],
+                                              max_tokens=MAX_TOKENS, temperature=0)
+        answers[tenant] = chat.choices[0].message.content
+        expected = served.reference(f"{tenant}@v1", models.chat_ids(served.base_dir, question), MAX_TOKENS)
+        assert answers[tenant] == expected, tenant
+        assert chat.model == tenant and chat.usage.completion_tokens > 0
+
+        prompt = models.question_prompt(question)
+        completion = client.completions.create(model=tenant, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0)
+        expected = served.reference(f"{tenant}@v1", models.completion_ids(served.base_dir, prompt), MAX_TOKENS)
+        assert completion.choices[0].text == expected, tenant
+    assert answers["acme"] != answers["beta"]
+    assert "alpha" in answers["acme"] and "bravo" in answers["beta"]
+
+
+def test_streaming_chat_and_completion_join_to_the_non_streaming_answer(served):
+    client = served.client("beta")
+    question = models.QUESTIONS[2]
+    expected = served.reference("beta@v1", models.chat_ids(served.base_dir, question), MAX_TOKENS)
+    stream = client.chat.completions.create(model="beta", messages=[{"role": "user", "content": question}],
+                                            max_tokens=MAX_TOKENS, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+
+    prompt = models.question_prompt(question)
+    expected = served.reference("beta@v1", models.completion_ids(served.base_dir, prompt), MAX_TOKENS)
+    stream = client.completions.create(model="beta", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in stream) == expected
+
+
+def test_models_lists_only_the_tenants_own_model(served):
+    client = served.client("acme")
+    assert [m.id for m in client.models.list().data] == ["acme"]
+    assert client.models.retrieve("acme").id == "acme"
+
+
+def test_token_id_prompt_and_stop_sequences(served):
+    client = served.client("acme")
+    ids = models.chat_ids(served.base_dir, models.QUESTIONS[0])
+    expected = served.reference("acme@v1", ids, MAX_TOKENS)
+    completion = client.completions.create(model="acme", prompt=ids, max_tokens=MAX_TOKENS, temperature=0)
+    assert completion.choices[0].text == expected
+    word = expected.split()[1]
+    stopped = client.completions.create(model="acme", prompt=ids, max_tokens=MAX_TOKENS, temperature=0, stop=[word])
+    assert stopped.choices[0].text == expected[: expected.index(word)]
+    assert stopped.choices[0].finish_reason == "stop"
