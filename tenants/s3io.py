@@ -11,6 +11,7 @@ import hashlib
 import logging
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -63,15 +64,26 @@ def make_client(settings: StoreSettings) -> Any:
         raise StoreError(f"cannot configure an S3 client for {settings.describe()}: {error}") from error
 
 
+_SESSION: Any = None
+_SESSION_LOCK = threading.Lock()
+
+
 def _client(boto3: Any, settings: StoreSettings, region: str | None, config: Any) -> Any:
-    return boto3.session.Session().client(
-        "s3",
-        endpoint_url=settings.endpoint,
-        region_name=region,
-        aws_access_key_id=settings.access_key,
-        aws_secret_access_key=settings.secret_key.get_secret_value() if settings.secret_key else None,
-        config=config,
-    )
+    # One boto3 session per process: it caches the parsed S3 service model, which makes every
+    # further client ~50x cheaper to create. Sessions are not thread-safe, clients are: create
+    # clients under a lock, use them freely.
+    global _SESSION
+    with _SESSION_LOCK:
+        if _SESSION is None:
+            _SESSION = boto3.session.Session()
+        return _SESSION.client(
+            "s3",
+            endpoint_url=settings.endpoint,
+            region_name=region,
+            aws_access_key_id=settings.access_key,
+            aws_secret_access_key=settings.secret_key.get_secret_value() if settings.secret_key else None,
+            config=config,
+        )
 
 
 def error_code(error: ClientError) -> tuple[str, int]:
