@@ -82,12 +82,19 @@ def check_key(api_key: str, stored: KeyHash) -> bool:
     return hmac.compare_digest(digest, bytes.fromhex(stored.hash))
 
 
+_DUMMY = KeyHash(key_id="00000000", salt="00" * 16, hash="00" * 32)
+
+
 def match_key(api_key: str, hashes: list[KeyHash]) -> KeyHash | None:
-    """The stored hash this key matches (selected by key id), or None."""
+    """The stored hash this key matches (selected by key id), or None.
+
+    Without a hash of that id it still runs one scrypt (on a dummy), keeping timing uniform.
+    """
     parsed = parse_key(api_key)
     for stored in hashes:
         if hmac.compare_digest(stored.key_id, parsed.key_id):
             return stored if check_key(api_key, stored) else None
+    check_key(api_key, _DUMMY)
     return None
 
 

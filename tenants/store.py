@@ -108,6 +108,14 @@ class TenantStore:
         self._locks_guard = threading.Lock()
         logger.debug("tenant store at %s, cache %s", self.settings.describe(), self._cache_root)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickles as its settings (for Ray tasks); the client is rebuilt on the other side."""
+        return {"settings": self.settings, "orphan_seconds": self.orphan_seconds}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["settings"])  # type: ignore[misc]
+        self.orphan_seconds = state["orphan_seconds"]
+
     # ================================================================ bucket
     def ensure_bucket(self) -> None:
         """Create the bucket if it does not exist (idempotent)."""
@@ -654,15 +662,22 @@ class TenantStore:
         return bool(removed and removed[0])
 
     def verify_key(self, tenant: str, api_key: str) -> bool:
-        """True iff ``api_key`` is a current key of ``tenant`` (constant-time hash comparison)."""
+        """True iff ``api_key`` is a current key of ``tenant`` (constant-time hash comparison).
+
+        A key of another tenant, an unknown tenant or key id costs one scrypt too, so response
+        times do not tell which tenants or key ids exist.
+        """
         try:
             parsed = apikeys.parse_key(api_key)
-            if parsed.tenant != validate_tenant_name(tenant):
-                return False
-            config = self.get_tenant(tenant)
-        except (AuthError, TenantNotFoundError, ValueError):
+        except AuthError:
             return False
-        return apikeys.match_key(api_key, config.key_hashes) is not None
+        hashes: list[KeyHash] = []
+        try:
+            if parsed.tenant == validate_tenant_name(tenant):
+                hashes = self.get_tenant(tenant).key_hashes
+        except (TenantNotFoundError, ValueError):
+            hashes = []
+        return apikeys.match_key(api_key, hashes) is not None
 
     def authenticate(self, api_key: str) -> str:
         """The tenant a key belongs to; AuthError for anything else (malformed, unknown, revoked)."""

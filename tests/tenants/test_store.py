@@ -227,3 +227,18 @@ def test_bucket_layout_is_exactly_designs(s3_server, tmp_path):
     assert (head["adapter"], head["data"]) == (adapter, data)
     receipt = json.loads(store.io.get_bytes("tenants/acme/erasures/req-1.json")[0])
     assert receipt["request"]["request_id"] == "req-1" and receipt["status"] == "pending"
+
+
+def test_large_files_go_up_in_parts_and_store_pickles(s3_server, s3_bucket, tmp_path):
+    import pickle
+
+    settings = s3_server.settings(bucket=s3_bucket, prefix=f"t-{uuid.uuid4().hex[:8]}",
+                                  multipart_bytes=5 * 1024 * 1024, cache_dir=tmp_path / "cache")
+    store = TenantStore(settings)
+    store.create_tenant(TenantConfig(name="acme", base_model="m"))
+    weights = bytes(range(256)) * (11 * 1024 * 1024 // 256 + 7)  # ~11 MiB: three parts
+    version = store.publish_adapter("acme", adapter_dir(tmp_path, weights), AdapterManifest())
+    clone = pickle.loads(pickle.dumps(store))  # e.g. shipped to a Ray task
+    assert clone.settings == store.settings
+    path = clone.download_adapter("acme", version)
+    assert (path / "adapter_model.safetensors").read_bytes() == weights
