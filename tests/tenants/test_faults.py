@@ -47,6 +47,7 @@ def faulty_store(store: TenantStore, fail: Callable[[str, dict[str, Any]], bool]
 
 def test_failure_mid_adapter_upload_leaves_no_version_and_head_unchanged(store, tmp_path):
     data, v1, etag = onboard(store, tmp_path)
+    head_before = store.get_head("acme")
     broken = faulty_store(
         store, lambda op, kw: op == "put_object" and kw.get("Key", "").endswith("adapter_model.safetensors")
     )
@@ -54,7 +55,7 @@ def test_failure_mid_adapter_upload_leaves_no_version_and_head_unchanged(store, 
         broken.publish_adapter("acme", adapter_dir(tmp_path, b"new", "new"), AdapterManifest(data_version=data))
     assert broken.client.failures == 1
     assert store.list_adapter_versions("acme") == [v1]
-    assert store.get_head("acme") == store.get_head("acme") and store.get_head("acme")[1] == etag
+    assert store.get_head("acme") == head_before and head_before[1] == etag
     # nothing of the failed version is left behind, and the next publish is fine
     keys = [info.key for info in store.io.list(store.layout.adapters_root("acme"))]
     assert all("/v000001/" in key or key.endswith("v000002/_claim.json") for key in keys)
