@@ -26,6 +26,9 @@ def user_facing(error: BaseException) -> str | None:
         user_error_types.append(pydantic.ValidationError)
     except ImportError:
         pass
-    if isinstance(error, tuple(user_error_types)):
-        return str(error)
-    return None
+    if not isinstance(error, tuple(user_error_types)):
+        return None
+    errors = getattr(error, "errors", None)
+    if callable(errors) and type(error).__name__ == "ValidationError":  # pydantic: one line per field
+        return "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ())) or 'input'}: {e.get('msg')}" for e in errors())
+    return str(error)
