@@ -1,1 +1,47 @@
-"""cluster: see DESIGN.md."""
+"""cluster: the method on a Ray cluster: Ray Train jobs, per-tenant erasure coordinators, batch entry.
+
+Imports eraser, tenants and ray (never serve). What other layers call:
+``RayErasureService(store_settings).submit(request)`` and ``register_publish_hook(name, hook)``.
+"""
+
+from cluster.actors import ActorMethodHook, get_coordinator, register_publish_hook, unregister_publish_hook
+from cluster.config import CoordinatorOptions, GuardPolicy, RunnerSpec
+from cluster.coordinator import BatchReport, ErasureCoordinator, PublishHook
+from cluster.errors import (
+    ClusterError,
+    CoordinatorMismatchError,
+    GuardRejectedError,
+    JobFailedError,
+    NotOnboardedError,
+)
+from cluster.jobs import ErasureJob, JobResult, TrainingJob
+from cluster.runners import JobRunner, LocalJobRunner, RayTrainJobRunner, make_runner
+from cluster.service import ErasureService, LocalErasureService, RayErasureService
+
+__all__ = [
+    "ActorMethodHook",
+    "BatchReport",
+    "ClusterError",
+    "CoordinatorMismatchError",
+    "CoordinatorOptions",
+    "ErasureCoordinator",
+    "ErasureJob",
+    "ErasureService",
+    "GuardPolicy",
+    "GuardRejectedError",
+    "JobFailedError",
+    "JobResult",
+    "JobRunner",
+    "LocalErasureService",
+    "LocalJobRunner",
+    "NotOnboardedError",
+    "PublishHook",
+    "RayErasureService",
+    "RayTrainJobRunner",
+    "RunnerSpec",
+    "TrainingJob",
+    "get_coordinator",
+    "make_runner",
+    "register_publish_hook",
+    "unregister_publish_hook",
+]

@@ -1,0 +1,96 @@
+"""How jobs run and how a coordinator decides: frozen dataclasses that travel into Ray actors.
+
+Defaults live here, each readable from an ``ERASER_CLUSTER_*`` environment variable (read when the
+object is built, so a Ray job's ``runtime_env`` sets them for every process it starts).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from eraser.influence import SolveConfig
+
+from cluster.errors import ClusterError
+
+NAMESPACE = os.environ.get("ERASER_CLUSTER_NAMESPACE", "eraser")  # Ray namespace of coordinators and hooks
+COORDINATOR_PREFIX = "eraser-coordinator:"  # + tenant: the named actor of that tenant
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else default
+
+
+def _env_bool(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    return value.strip().lower() in ("1", "true", "yes") if value not in (None, "") else default
+
+
+@dataclass(frozen=True)
+class RunnerSpec:
+    """Which job runner executes erasure and training jobs, and with what resources."""
+
+    kind: Literal["ray", "local"] = "ray"  # ray = Ray Train TorchTrainer; local = in this process, world size 1
+    num_workers: int = field(default_factory=lambda: _env_int("ERASER_CLUSTER_WORKERS", 1))  # Train workers per erasure
+    use_gpu: bool = field(default_factory=lambda: _env_bool("ERASER_CLUSTER_USE_GPU", False))  # one GPU per worker, NCCL
+    cpus_per_worker: float = 1.0  # CPUs each Train worker reserves
+    max_failures: int = field(default_factory=lambda: _env_int("ERASER_CLUSTER_MAX_FAILURES", 1))  # Train retries after a worker dies
+    # Where Train puts result checkpoints: a local directory (one node) or a URI every node reaches
+    # (s3://bucket/ray-train, NFS). None = a temporary directory (single-node clusters only).
+    storage_path: str | None = field(default_factory=lambda: os.environ.get("ERASER_CLUSTER_STORAGE") or None)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("ray", "local"):
+            raise ClusterError(f"runner kind must be 'ray' or 'local', got {self.kind!r}")
+        if self.num_workers < 1:
+            raise ClusterError(f"num_workers must be >= 1, got {self.num_workers!r}")
+        if self.max_failures < 0:
+            raise ClusterError(f"max_failures must be >= 0, got {self.max_failures!r}")
+        if self.cpus_per_worker < 0:
+            raise ClusterError(f"cpus_per_worker must be >= 0, got {self.cpus_per_worker!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class GuardPolicy:
+    """What a candidate adapter must satisfy to be published (DESIGN.md, flow step 4)."""
+
+    require_converged: bool = True  # the solver reached its residual tolerance
+    retained_loss_ratio: float = 1.25  # retained loss after <= before * ratio + slack
+    retained_loss_slack: float = 0.05  # nats, absolute slack of the bound above
+    verify: bool = True  # run the membership test (eraser.verify) against the held-out split
+    require_forgotten: bool = False  # publish only if the membership test passes (the verified pipeline's job)
+
+    def __post_init__(self) -> None:
+        if self.retained_loss_ratio < 1:
+            raise ClusterError(f"retained_loss_ratio must be >= 1, got {self.retained_loss_ratio!r}")
+        if self.retained_loss_slack < 0:
+            raise ClusterError(f"retained_loss_slack must be >= 0, got {self.retained_loss_slack!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class CoordinatorOptions:
+    """How a tenant's coordinator batches, solves, guards and purges."""
+
+    solve: SolveConfig = field(default_factory=SolveConfig)
+    guard: GuardPolicy = field(default_factory=GuardPolicy)
+    max_batch: int = 32  # pending requests merged into one solve
+    purge_grace_seconds: float | None = None  # None = the store's purge_grace_seconds
+    max_head_conflicts: int = 3  # lost HEAD compare-and-swaps before a batch is failed
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1:
+            raise ClusterError(f"max_batch must be >= 1, got {self.max_batch!r}")
+        if self.purge_grace_seconds is not None and self.purge_grace_seconds < 0:
+            raise ClusterError(f"purge_grace_seconds must be >= 0, got {self.purge_grace_seconds!r}")
+
+    def to_dict(self) -> dict:
+        return {"solve": self.solve.to_dict(), "guard": self.guard.to_dict(), "max_batch": self.max_batch,
+                "purge_grace_seconds": self.purge_grace_seconds}

@@ -1,0 +1,418 @@
+"""The per-tenant erasure coordinator: the only writer of a tenant's HEAD (DESIGN.md, flow steps 2-6).
+
+One coordinator per tenant serialises that tenant's erasures (a lock here, one named Ray actor per
+tenant in :mod:`cluster.actors`); different tenants run in parallel. A round:
+
+1. recover: receipts left ``running`` by a dead coordinator are completed when their adapter
+   version was already committed (HEAD moved, or moved now by compare-and-swap), else re-queued;
+2. batch: pending requests, oldest first, resolved against HEAD's dataset (invalid ones are
+   ``rejected`` with the reason), up to ``max_batch`` and no record edited twice;
+3. receipts ``pending -> running``; the job (Ray Train or in-process) solves, verifies, guards;
+4. publish data version k+1 and adapter version k+1 (manifest: request ids, solver report, checks,
+   path), then move HEAD by compare-and-swap; receipts ``published``;
+5. notify serving (hooks), then purge superseded versions past the grace period.
+
+A job that fails leaves the receipts ``failed`` with the error and publishes nothing: HEAD moves
+only after both versions are committed, and only a moved HEAD makes anything live. The receipt is
+written at every step.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Callable, Iterable, Sequence
+
+from tenants.errors import ConflictError, HeadConflictError, TenantError
+from tenants.models import AdapterManifest, ErasureRequest, Head, Receipt, ReceiptStatus, Record
+from tenants.store import TenantStore
+
+from cluster.config import CoordinatorOptions
+from cluster.errors import ClusterError, NotOnboardedError
+from cluster.jobs import ErasureJob, JobResult, TrainingJob
+from cluster.runners import JobRunner
+
+logger = logging.getLogger(__name__)
+
+# on_published(tenant, head) -> None, or {"switched_at": datetime|iso str} once every replica switched.
+PublishHook = Callable[[str, Head], Any]
+
+
+@dataclass
+class _Planned:
+    receipt: Receipt
+    selected: list[str]  # record ids the request selects (resolve order)
+    edits: list[str]  # the ids it edits in this batch (an earlier remove in the batch may own some)
+
+
+@dataclass
+class BatchReport:
+    """What one round did (for logs and the batch summary)."""
+
+    request_ids: list[str] = field(default_factory=list)
+    status: str = ""  # published | failed | requeued | rejected
+    adapter_version: str | None = None
+    error: str | None = None
+
+
+class ErasureCoordinator:
+    """Runs one tenant's erasures against the store with a job runner. Thread-safe; one round at a time."""
+
+    def __init__(
+        self,
+        tenant: str,
+        store: TenantStore,
+        runner: JobRunner,
+        options: CoordinatorOptions | None = None,
+        hooks: Sequence[PublishHook] | Callable[[], Iterable[PublishHook]] = (),
+        heartbeat_dir: str | None = None,
+    ) -> None:
+        self.tenant = tenant
+        self.store = store
+        self.runner = runner
+        self.options = options or CoordinatorOptions()
+        self._hooks = hooks
+        self.heartbeat_dir = heartbeat_dir
+        self._lock = threading.RLock()
+        self.batches: list[BatchReport] = []
+
+    # ============================================================ public
+    def submit(self, request: ErasureRequest | Receipt | dict) -> Receipt:
+        """Record a request in the ledger as pending (idempotent by request id); processing is separate."""
+        if isinstance(request, Receipt):
+            request = request.request
+        if not isinstance(request, ErasureRequest):
+            request = ErasureRequest.model_validate(request)
+        if request.tenant != self.tenant:
+            raise ClusterError(f"request {request.request_id!r} is for tenant {request.tenant!r}, "
+                               f"not this coordinator's {self.tenant!r}")
+        receipt, created = self.store.submit_erasure(request, validate=False)
+        if created:
+            logger.info("tenant %s: request %s recorded (pending)", self.tenant, request.request_id)
+        return receipt
+
+    def run_until_idle(self, max_rounds: int | None = None) -> list[BatchReport]:
+        """Recover, then run batches until nothing is pending; then purge what is due."""
+        with self._lock:
+            reports: list[BatchReport] = []
+            self.recover()
+            rounds = 0
+            while max_rounds is None or rounds < max_rounds:
+                report = self.run_once()
+                if report is None:
+                    break
+                reports.append(report)
+                rounds += 1
+            self.purge_due()
+            return reports
+
+    def run_once(self) -> BatchReport | None:
+        """One batch of pending requests, or None when nothing is pending (or nothing can run)."""
+        with self._lock:
+            plan = self._plan()
+            if plan is None:
+                return None
+            head, etag, records, batch = plan
+            report = self._run_batch(head, etag, records, batch)
+            self.batches.append(report)
+            return report
+
+    def onboard(self, data_version: str | None = None) -> str:
+        """Train the tenant's first adapter (a training job) on ``data_version`` (default: the newest),
+        publish it as the first adapter version and create HEAD. Returns the adapter version."""
+        with self._lock:
+            head, _ = self.store.get_head(self.tenant)
+            if head is not None:
+                raise NotOnboardedError(f"tenant {self.tenant!r} already has HEAD (adapter {head.adapter}); "
+                                        "erasures, not training, change it from here")
+            if data_version is None:
+                versions = self.store.list_data_versions(self.tenant)
+                if not versions:
+                    raise NotOnboardedError(f"tenant {self.tenant!r} has no data version to train on (upload records first)")
+                data_version = versions[-1]
+            config = self.store.get_tenant(self.tenant)
+            started = time.perf_counter()
+            job = TrainingJob(tenant=self.tenant, store_settings=self.store.settings, data_version=data_version,
+                              job_id=uuid.uuid4().hex[:8], heartbeat_dir=self.heartbeat_dir)
+            with self.runner.run_training_job(job) as result:
+                if not result.ok or result.adapter_dir is None:
+                    raise ClusterError(f"tenant {self.tenant!r}: training failed: {result.error}")
+                body = result.body
+                manifest = AdapterManifest(
+                    parent_version=None, data_version=data_version, base_model=config.base_model, path="train",
+                    checks={"training": body.get("training"), "train_records": body.get("train_records"),
+                            "heldout_records": body.get("heldout_records")},
+                    arguments={"recipe": body.get("recipe"), "heldout_fraction": config.training.heldout_fraction,
+                               "seed": config.training.seed, "runner": self.runner.describe(),
+                               "stages": body.get("stages")},
+                )
+                version = self.store.publish_adapter(self.tenant, result.adapter_dir, manifest)
+            head = Head(adapter=version, data=data_version)
+            self.store.move_head(self.tenant, head, None)
+            logger.info("tenant %s onboarded: adapter %s on data %s (%.1fs)", self.tenant, version, data_version,
+                        time.perf_counter() - started)
+            self._notify(head, [])
+            return version
+
+    def purge_due(self) -> list[dict]:
+        """Purge superseded versions whose erasures were published more than the grace period ago."""
+        with self._lock:
+            head, _ = self.store.get_head(self.tenant)
+            if head is None:
+                return []
+            grace = self.options.purge_grace_seconds
+            try:
+                entries = self.store.purge(self.tenant, head.adapter, head.data, grace)
+                if entries:
+                    self.store.record_purge(self.tenant, entries)
+            except TenantError as error:  # purge is retried on the next round; never fail a publish for it
+                logger.warning("tenant %s: purge failed (retried next round): %s", self.tenant, error)
+                return []
+            return entries
+
+    def pending_purge_at(self) -> float | None:
+        """Seconds from now until the next published erasure's grace period ends, if any is waiting."""
+        grace = self.options.purge_grace_seconds
+        grace = self.store.settings.purge_grace_seconds if grace is None else grace
+        if grace <= 0:
+            return None
+        now = time.time()
+        waits = [r.published_at.timestamp() + grace - now for r in self.store.list_receipts(self.tenant, "published")
+                 if not r.purged and r.published_at is not None and r.published_at.timestamp() + grace > now]
+        return max(0.0, min(waits)) if waits else None
+
+    # ============================================================ recovery
+    def recover(self) -> list[str]:
+        """Finish or re-queue receipts left ``running`` (a coordinator died mid-batch). Returns their ids.
+
+        A request whose adapter version is committed is completed, never re-run: if HEAD already
+        points at (a descendant of) that version the receipt is just marked published; if HEAD still
+        points at the version's parent, HEAD is moved now (compare-and-swap). Otherwise the request
+        goes back to pending and runs again from the current HEAD.
+        """
+        with self._lock:
+            running = self.store.list_receipts(self.tenant, ReceiptStatus.running)
+            if not running:
+                return []
+            versions = self.store.list_adapter_versions(self.tenant)
+            manifests = {v: self.store.get_adapter_manifest(self.tenant, v) for v in versions}
+            for receipt in running:
+                owner = next((v for v in reversed(versions) if receipt.request_id in manifests[v].request_ids), None)
+                head, etag = self.store.get_head(self.tenant)
+                if owner is not None and head is not None:
+                    manifest = manifests[owner]
+                    live = self._lineage(head.adapter, manifests)
+                    if owner not in live and head.adapter == manifest.parent_version and manifest.data_version:
+                        try:
+                            self.store.move_head(self.tenant, Head(adapter=owner, data=manifest.data_version), etag)
+                            head = Head(adapter=owner, data=manifest.data_version)
+                            live = self._lineage(owner, manifests)
+                            logger.info("tenant %s: recovery moved HEAD to %s for %s", self.tenant, owner,
+                                        manifest.request_ids)
+                            self._notify(head, manifest.request_ids)
+                        except (HeadConflictError, ConflictError) as error:
+                            logger.warning("tenant %s: recovery could not move HEAD to %s: %s", self.tenant, owner, error)
+                    if owner in live:
+                        self._update(receipt.request_id, lambda r, m=manifest, o=owner: r.transition(
+                            ReceiptStatus.published, new_adapter_version=o, new_data_version=m.data_version,
+                            solver=m.solver or r.solver, checks=m.checks or r.checks, path=m.path if m.path != "train" else None,
+                            error=None))
+                        logger.info("tenant %s: request %s completed by recovery (adapter %s was committed)",
+                                    self.tenant, receipt.request_id, owner)
+                        continue
+                self._update(receipt.request_id, lambda r: r.transition(
+                    ReceiptStatus.pending, error="re-queued: its coordinator stopped before publishing"))
+                logger.info("tenant %s: request %s re-queued by recovery", self.tenant, receipt.request_id)
+            return [r.request_id for r in running]
+
+    @staticmethod
+    def _lineage(version: str | None, manifests: dict[str, AdapterManifest]) -> set[str]:
+        seen: set[str] = set()
+        while version is not None and version in manifests and version not in seen:
+            seen.add(version)
+            version = manifests[version].parent_version
+        return seen
+
+    # ============================================================ one batch
+    def _plan(self) -> tuple[Head, str, list[Record], list[_Planned]] | None:
+        pending = self.store.list_receipts(self.tenant, ReceiptStatus.pending)
+        if not pending:
+            return None
+        head, etag = self.store.get_head(self.tenant)
+        if head is None:
+            error = f"tenant {self.tenant!r} has no live adapter yet (HEAD not set): onboard it first"
+            for receipt in pending:
+                self._update(receipt.request_id, lambda r: r.transition(ReceiptStatus.failed, error=error))
+            return None
+        records = self.store.read_dataset(self.tenant, head.data)
+        batch: list[_Planned] = []
+        owner: dict[str, tuple[str, str]] = {}  # record id -> (request id, kind) in this batch
+        for receipt in pending:
+            request = receipt.request
+            try:
+                selected = request.resolve(records)
+            except (TenantError, ValueError) as error:
+                self._update(receipt.request_id, lambda r, e=str(error): r.transition(ReceiptStatus.rejected, error=e))
+                logger.info("tenant %s: request %s rejected: %s", self.tenant, receipt.request_id, error)
+                continue
+            clashes = [i for i in selected if i in owner]
+            if clashes and not (request.kind == "remove" and all(owner[i][1] == "remove" for i in clashes)):
+                continue  # edits a record another request of this batch edits: next batch
+            edits = [i for i in selected if i not in owner]
+            for record_id in edits:
+                owner[record_id] = (request.request_id, request.kind)
+            batch.append(_Planned(receipt=receipt, selected=selected, edits=edits))
+            if len(batch) >= self.options.max_batch:
+                break
+        if not batch:
+            return None
+        return head, etag, records, batch
+
+    def _run_batch(self, head: Head, etag: str, records: list[Record], batch: list[_Planned]) -> BatchReport:
+        ids = [p.receipt.request_id for p in batch]
+        report = BatchReport(request_ids=ids)
+        started = time.perf_counter()
+        started_at = time.time()
+        for planned in batch:
+            queued = max(0.0, started_at - planned.receipt.created_at.timestamp())
+            self._update(planned.receipt.request_id, lambda r, p=planned, q=queued: r.transition(
+                ReceiptStatus.running, old_adapter_version=head.adapter, old_data_version=head.data,
+                records_affected=p.selected, stages={"queued_s": q}, error=None))
+        logger.info("tenant %s: batch of %d request(s) %s from adapter %s / data %s", self.tenant, len(ids), ids,
+                    head.adapter, head.data)
+        job = ErasureJob(
+            tenant=self.tenant, store_settings=self.store.settings, adapter_version=head.adapter,
+            data_version=head.data, requests=tuple(p.receipt.request.model_dump(mode="json") for p in batch),
+            selections={p.receipt.request_id: tuple(p.edits) for p in batch}, solve=self.options.solve,
+            guard=self.options.guard, job_id=uuid.uuid4().hex[:8], heartbeat_dir=self.heartbeat_dir,
+        )
+        head_moved = False
+        try:
+            try:
+                result = self.runner.run_erasure_job(job)
+            except Exception as error:  # JobFailedError, or anything the runner could not contain
+                return self._fail(batch, report, f"erasure job failed: {error}", {"job_s": time.perf_counter() - started})
+            with result:
+                stages = dict(result.body.get("stages") or {})
+                if not result.ok or result.adapter_dir is None:
+                    return self._fail(batch, report, result.error or "erasure job gave no adapter", stages,
+                                      checks=result.body.get("checks") or {}, solver=result.body.get("solver") or {})
+                mark = time.perf_counter()
+                new_head = self._publish(head, etag, records, batch, result, stages)
+                head_moved = True
+                stages["publish_s"] = time.perf_counter() - mark
+        except HeadConflictError as error:
+            return self._requeue_or_fail(batch, report, error)
+        except Exception as error:
+            if head_moved:  # live already: leave 'running' for recovery to complete, never 'failed'
+                logger.exception("tenant %s: batch %s published but not recorded; recovery completes it", self.tenant, ids)
+                raise
+            return self._fail(batch, report, f"publishing failed: {error}", {"job_s": time.perf_counter() - started})
+
+        mark = time.perf_counter()
+        switched = self._notify(new_head, ids)
+        stages["notify_s"] = time.perf_counter() - mark
+        stages["total_s"] = time.perf_counter() - started
+        for planned in batch:
+            self._update(planned.receipt.request_id, lambda r, s=dict(stages), w=switched: r.update(
+                stages={**r.stages, **s}, **({"replicas_switched_at": w} if w else {})))
+        mark = time.perf_counter()
+        self.purge_due()
+        logger.info("tenant %s: batch %s published as adapter %s / data %s in %.1fs (purge %.1fs)", self.tenant, ids,
+                    new_head.adapter, new_head.data, stages["total_s"], time.perf_counter() - mark)
+        report.status, report.adapter_version = "published", new_head.adapter
+        return report
+
+    def _publish(self, head: Head, etag: str, records: list[Record], batch: list[_Planned], result: JobResult,
+                 stages: dict) -> Head:
+        """Data version k+1, adapter version k+1, then HEAD (the commit point), then the receipts."""
+        ids = [p.receipt.request_id for p in batch]
+        body = result.body
+        data_version = self._find_data_version(head.data, ids) or self.store.put_dataset(
+            self.tenant, self._records_after(records, batch), parent=head.data, request_ids=ids)
+        for planned in batch:
+            self._update(planned.receipt.request_id, lambda r: r.update(new_data_version=data_version))
+        manifest = AdapterManifest(
+            parent_version=head.adapter, data_version=data_version, request_ids=ids, solver=body.get("solver"),
+            checks=body.get("checks"), path=body.get("path"),
+            arguments={"solve": self.options.solve.to_dict(), "guard": self.options.guard.to_dict(),
+                       "runner": self.runner.describe(), "world_size": body.get("world_size"),
+                       "train_records": body.get("train_records"), "heldout_records": body.get("heldout_records"),
+                       "trained_records_affected": body.get("trained_records_affected"), "stages": stages},
+        )
+        adapter_version = self.store.publish_adapter(self.tenant, result.adapter_dir, manifest)
+        for planned in batch:
+            self._update(planned.receipt.request_id, lambda r: r.update(new_adapter_version=adapter_version))
+        new_head = Head(adapter=adapter_version, data=data_version)
+        self.store.move_head(self.tenant, new_head, etag)  # the commit point: from here it is live
+        for planned in batch:
+            self._update(planned.receipt.request_id, lambda r: r.transition(
+                ReceiptStatus.published, new_adapter_version=adapter_version, new_data_version=data_version,
+                solver=body.get("solver") or {}, checks=body.get("checks") or {}, path=body.get("path"),
+                stages={**r.stages, **stages}))
+        return new_head
+
+    def _find_data_version(self, parent: str, request_ids: list[str]) -> str | None:
+        """A data version an interrupted run of this very batch already committed (reused, not duplicated)."""
+        for version in reversed(self.store.list_data_versions(self.tenant)):
+            manifest = self.store.get_data_manifest(self.tenant, version)
+            if manifest.parent == parent and manifest.request_ids == request_ids:
+                return version
+        return None
+
+    @staticmethod
+    def _records_after(records: list[Record], batch: list[_Planned]) -> Iterable[Record]:
+        current: Iterable[Record] = records
+        for planned in batch:
+            current = planned.receipt.request.apply(current, planned.selected)
+        return current
+
+    # ============================================================ receipts and hooks
+    def _update(self, request_id: str, change: Callable[[Receipt], Any]) -> Receipt:
+        return self.store.update_receipt(self.tenant, request_id, change)
+
+    def _fail(self, batch: list[_Planned], report: BatchReport, error: str, stages: dict,
+              checks: dict | None = None, solver: dict | None = None) -> BatchReport:
+        logger.warning("tenant %s: batch %s failed: %s", self.tenant, report.request_ids, error)
+        for planned in batch:
+            self._update(planned.receipt.request_id, lambda r: r.transition(
+                ReceiptStatus.failed, error=error, stages={**r.stages, **stages},
+                **({"checks": checks} if checks else {}), **({"solver": solver} if solver else {})))
+        report.status, report.error = "failed", error
+        return report
+
+    def _requeue_or_fail(self, batch: list[_Planned], report: BatchReport, error: Exception) -> BatchReport:
+        conflicts = sum(1 for b in self.batches if b.status == "requeued" and b.request_ids == report.request_ids)
+        if conflicts + 1 >= self.options.max_head_conflicts:
+            return self._fail(batch, report, f"HEAD kept moving under the coordinator: {error}", {})
+        for planned in batch:
+            self._update(planned.receipt.request_id, lambda r: r.transition(
+                ReceiptStatus.pending, error=f"re-queued: HEAD moved during the run ({error})"))
+        report.status, report.error = "requeued", str(error)
+        return report
+
+    def hooks(self) -> list[PublishHook]:
+        hooks = self._hooks() if callable(self._hooks) else self._hooks
+        return list(hooks or ())
+
+    def _notify(self, head: Head, request_ids: list[str]) -> datetime | None:
+        """Call every publish hook; returns when every replica switched, if the hooks say so."""
+        switched: list[Any] = []
+        hooks = self.hooks()
+        for hook in hooks:
+            try:
+                answer = hook(self.tenant, head)
+            except Exception as error:  # serving also polls HEAD: a failed notification only delays it
+                logger.warning("tenant %s: publish hook %r failed for adapter %s: %s", self.tenant, hook, head.adapter,
+                               error)
+                continue
+            if isinstance(answer, dict) and answer.get("switched_at"):
+                switched.append(answer["switched_at"])
+        if not hooks or len(switched) < len(hooks):
+            return None
+        stamps = [s if isinstance(s, datetime) else datetime.fromisoformat(str(s)) for s in switched]
+        return max(stamps)

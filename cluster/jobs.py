@@ -1,0 +1,297 @@
+"""The work of one job, the same in a Ray Train worker and in-process: load, solve (or train), save.
+
+A job reads the tenant's state from the store (base model from the shared cache, the adapter into a
+job-private cache that is deleted afterwards, so superseded weights do not linger on workers) and
+writes its result into ``out_dir``: the candidate adapter (``adapter/``) and ``result.json``. It never
+writes to the store: publishing is the coordinator's, after the job, so a job that dies leaves
+nothing behind. Only rank 0 writes ``out_dir``; every rank computes (all-reduced sums).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from eraser.errors import EraserError
+from eraser.influence import Shard, SolveConfig
+from eraser.records import Record as EraserRecord
+from eraser.requests import EditRequest
+from tenants.errors import TenantError
+from tenants.models import ErasureRequest, Record, TenantConfig
+from tenants.settings import StoreSettings
+from tenants.store import TenantStore
+
+from cluster.config import GuardPolicy
+from cluster.errors import ClusterError, GuardRejectedError
+
+logger = logging.getLogger(__name__)
+
+RESULT_FILE = "result.json"
+ADAPTER_SUBDIR = "adapter"
+_REPLACED_FIELD = {"modify_query": "prompt", "correct_response": "response"}
+
+
+# ---------------------------------------------------------------- job descriptions
+
+
+@dataclass(frozen=True)
+class ErasureJob:
+    """One solve for a batch of a tenant's requests against one (adapter, data) version pair."""
+
+    tenant: str
+    store_settings: StoreSettings
+    adapter_version: str
+    data_version: str
+    requests: tuple[dict, ...]  # ErasureRequest JSON, in batch order
+    selections: dict[str, tuple[str, ...]]  # request id -> the record ids it edits (resolved, deduplicated)
+    solve: SolveConfig = field(default_factory=SolveConfig)
+    guard: GuardPolicy = field(default_factory=GuardPolicy)
+    job_id: str = ""
+    heartbeat_dir: str | None = None  # each worker writes rank-<r>.json here (progress, pid): monitoring, tests
+
+    @property
+    def request_ids(self) -> list[str]:
+        return [r["request_id"] for r in self.requests]
+
+
+@dataclass(frozen=True)
+class TrainingJob:
+    """Onboarding: train a tenant's first adapter on the non-held-out split of one data version."""
+
+    tenant: str
+    store_settings: StoreSettings
+    data_version: str
+    job_id: str = ""
+    heartbeat_dir: str | None = None
+
+
+@dataclass
+class JobResult:
+    """What a job left in its output directory, on the caller's machine. Call :meth:`cleanup` after use."""
+
+    body: dict  # result.json: status, path, solver, checks, stages, ...
+    workdir: Path | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.body.get("status") == "ok"
+
+    @property
+    def error(self) -> str | None:
+        return self.body.get("error")
+
+    @property
+    def adapter_dir(self) -> Path | None:
+        if self.workdir is None:
+            return None
+        path = self.workdir / ADAPTER_SUBDIR
+        return path if path.is_dir() else None
+
+    def cleanup(self) -> None:
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> "JobResult":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
+
+
+# ---------------------------------------------------------------- helpers
+
+
+class Heartbeat:
+    """Writes ``<dir>/rank-<r>.json`` (stage, iteration, pid) atomically; a no-op without a directory."""
+
+    def __init__(self, directory: str | None, rank: int) -> None:
+        self.path = Path(directory) / f"rank-{rank}.json" if directory else None
+        self.rank = rank
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, stage: str, **fields: Any) -> None:
+        if self.path is None:
+            return
+        body = {"rank": self.rank, "pid": os.getpid(), "stage": stage, "time": time.time(), **fields}
+        staging = self.path.with_suffix(f".tmp{os.getpid()}")
+        staging.write_text(json.dumps(body))
+        os.replace(staging, self.path)
+
+
+def to_eraser_records(records: Sequence[Record]) -> list[EraserRecord]:
+    return [EraserRecord(id=r.id, prompt=r.prompt, response=r.response, subject=r.subject) for r in records]
+
+
+def edit_requests(job: ErasureJob, train_ids: set[str]) -> tuple[list[EditRequest], dict[str, list[str]]]:
+    """The method's requests for the records the adapter trained on (held-out ones need no update).
+
+    Returns the EditRequests (by explicit ids) and, per request id, the trained record ids it edits.
+    """
+    result, trained = [], {}
+    for body in job.requests:
+        request = ErasureRequest.model_validate(body)
+        ids = [i for i in job.selections.get(request.request_id, ()) if i in train_ids]
+        trained[request.request_id] = ids
+        if not ids:
+            continue
+        replacements = None
+        if request.kind != "remove":
+            name = _REPLACED_FIELD[request.kind]
+            replacements = {i: {name: getattr(request.replacements[i], name)} for i in ids}
+        result.append(EditRequest(kind=request.kind, records=tuple(ids), replacements=replacements,
+                                  request_id=request.request_id))
+    return result, trained
+
+
+def train_config(config: TenantConfig):
+    """The tenant's recipe as the method's TrainConfig."""
+    from eraser.training import TrainConfig
+
+    return TrainConfig(rank=config.lora.rank, alpha=config.lora.alpha, dropout=config.lora.dropout,
+                       target_modules=tuple(config.lora.target_modules), epochs=config.training.epochs,
+                       lr=config.training.lr, batch_size=config.training.batch_size, seed=config.training.seed,
+                       max_length=config.training.max_length)
+
+
+class _Stores:
+    """The shared store (base models: big, not tenant data) and a job-private one (adapters)."""
+
+    def __init__(self, settings: StoreSettings) -> None:
+        self.private_dir = Path(tempfile.mkdtemp(prefix="eraser-job-cache-"))
+        self.shared = TenantStore(settings)
+        self.private = TenantStore(settings.model_copy(update={"cache_dir": self.private_dir}))
+
+    def close(self) -> None:
+        shutil.rmtree(self.private_dir, ignore_errors=True)
+
+
+def _write_result(out_dir: Path, body: dict) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / RESULT_FILE).write_text(json.dumps(body, indent=2, default=str))
+
+
+def read_result(out_dir: Path) -> dict:
+    path = Path(out_dir) / RESULT_FILE
+    if not path.is_file():
+        raise ClusterError(f"job output {out_dir} has no {RESULT_FILE}")
+    return json.loads(path.read_text())
+
+
+# ---------------------------------------------------------------- erasure
+
+
+def execute_erasure(job: ErasureJob, shard: Shard, out_dir: Path | None,
+                    beat: Callable[..., None] | None = None) -> dict:
+    """Run one erasure job on this worker; rank 0 (``out_dir`` given) writes the candidate and result.json.
+
+    Deterministic failures (invalid request, solver diverged or unconverged, guard) come back as
+    ``status="failed"`` rather than exceptions, so Ray Train does not retry them; anything else
+    (a lost worker, a bug) raises and is the runner's to retry or report.
+    """
+    from eraser.model import load_adapter, load_base, load_tokenizer
+    from eraser.update import save_adapter
+    from eraser.verify import split_heldout
+
+    from cluster.guard import verify_and_guard
+
+    beat = beat or (lambda *a, **k: None)
+    started = time.perf_counter()
+    stages: dict[str, float] = {}
+    body: dict[str, Any] = {"kind": "erasure", "job_id": job.job_id, "tenant": job.tenant,
+                            "request_ids": job.request_ids, "world_size": shard.world_size}
+    stores = _Stores(job.store_settings)
+    try:
+        beat("load")
+        config = stores.shared.get_tenant(job.tenant)
+        base_dir = stores.shared.resolve_base_model(config.base_model)
+        adapter_dir = stores.private.download_adapter(job.tenant, job.adapter_version)
+        records = to_eraser_records(stores.private.read_dataset(job.tenant, job.data_version))
+        tokenizer = load_tokenizer(base_dir)
+        model = load_adapter(load_base(base_dir), adapter_dir)
+        train, heldout = split_heldout(records, config.training.heldout_fraction, config.training.seed)
+        requests, trained = edit_requests(job, {r.id for r in train})
+        stages["load_s"] = time.perf_counter() - started
+        body.update(train_records=len(train), heldout_records=len(heldout), trained_records_affected=trained)
+        logger.info("tenant %s job %s rank %d/%d: %d request(s), %d trained record(s) affected, %d train, %d held out",
+                    job.tenant, job.job_id, shard.rank, shard.world_size, len(job.requests),
+                    sum(len(v) for v in trained.values()), len(train), len(heldout))
+
+        progress = lambda iteration, residual: beat("solve", iteration=iteration, residual=residual)  # noqa: E731
+        beat("solve", iteration=0)
+        try:
+            outcome = verify_and_guard(model, tokenizer, train, heldout, requests, job.solve, job.guard,
+                                       shard=shard, progress=progress, is_root=out_dir is not None)
+        except GuardRejectedError as error:
+            body.update(status="failed", error=str(error), error_type=type(error).__name__, checks=error.checks)
+        except (EraserError, TenantError, ClusterError) as error:
+            body.update(status="failed", error=str(error), error_type=type(error).__name__)
+        else:
+            body.update(status="ok", path=outcome.path, solver=outcome.solver, checks=outcome.checks)
+            stages.update(outcome.stages)
+        beat("save", status=body["status"])
+        stages["job_s"] = time.perf_counter() - started
+        body["stages"] = stages
+        if out_dir is not None:
+            if body["status"] == "ok":
+                save_adapter(model, Path(out_dir) / ADAPTER_SUBDIR,
+                             {"parent_version": job.adapter_version, "request_ids": job.request_ids,
+                              "path": body["path"]})
+            _write_result(Path(out_dir), body)
+        beat("done", status=body["status"])
+        return body
+    finally:
+        stores.close()
+
+
+# ---------------------------------------------------------------- training (onboarding)
+
+
+def execute_training(job: TrainingJob, out_dir: Path | None, beat: Callable[..., None] | None = None) -> dict:
+    """Train the tenant's first adapter on the non-held-out split of ``job.data_version`` (rank 0 only)."""
+    from eraser.model import load_base, load_tokenizer
+    from eraser.training import add_lora, train_lora
+    from eraser.update import save_adapter
+    from eraser.verify import split_heldout
+
+    beat = beat or (lambda *a, **k: None)
+    started = time.perf_counter()
+    body: dict[str, Any] = {"kind": "training", "job_id": job.job_id, "tenant": job.tenant,
+                            "data_version": job.data_version}
+    stores = _Stores(job.store_settings)
+    try:
+        beat("load")
+        config = stores.shared.get_tenant(job.tenant)
+        base_dir = stores.shared.resolve_base_model(config.base_model)
+        records = to_eraser_records(stores.private.read_dataset(job.tenant, job.data_version))
+        train, heldout = split_heldout(records, config.training.heldout_fraction, config.training.seed)
+        recipe = train_config(config)
+        tokenizer = load_tokenizer(base_dir)
+        model = add_lora(load_base(base_dir), recipe)
+        load_s = time.perf_counter() - started
+        beat("train", step=0)
+        try:
+            report = train_lora(model, tokenizer, train, recipe,
+                                progress=lambda step, total, loss: beat("train", step=step, total=total, loss=loss))
+        except EraserError as error:
+            body.update(status="failed", error=str(error), error_type=type(error).__name__)
+        else:
+            body.update(status="ok", path="train", recipe=recipe.to_dict(),
+                        training={k: v for k, v in asdict(report).items() if k != "loss_history"},
+                        train_records=len(train), heldout_records=len(heldout))
+        body["stages"] = {"load_s": load_s, "job_s": time.perf_counter() - started}
+        if out_dir is not None:
+            if body["status"] == "ok":
+                save_adapter(model, Path(out_dir) / ADAPTER_SUBDIR, {"path": "train", "recipe": recipe.to_dict()})
+            _write_result(Path(out_dir), body)
+        beat("done", status=body["status"])
+        return body
+    finally:
+        stores.close()

@@ -1,0 +1,225 @@
+"""The job-runner seam: where an erasure or training job runs.
+
+- :class:`RayTrainJobRunner`: a Ray Train ``TorchTrainer`` (gloo on CPU, NCCL on GPU). Every worker
+  takes its shard of the records (``i % world_size == rank``) and the solver's sums are all-reduced,
+  so N workers compute what one process would. Rank 0 returns the candidate through a Train
+  checkpoint (Train V2 returns results through storage, not metrics); the run's storage directory
+  is deleted once the result is copied out.
+- :class:`LocalJobRunner`: the same job functions in this process, world size 1 (unit tests,
+  ``--local`` runs).
+
+Both return a :class:`cluster.jobs.JobResult` or raise :class:`JobFailedError`.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+from eraser.influence import Shard
+
+from cluster.config import RunnerSpec
+from cluster.errors import JobFailedError
+from cluster.jobs import (
+    ErasureJob,
+    Heartbeat,
+    JobResult,
+    TrainingJob,
+    execute_erasure,
+    execute_training,
+    read_result,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class JobRunner(abc.ABC):
+    """Runs jobs to completion (blocking). A failed job raises JobFailedError; a job whose work was
+    refused deterministically (solver, guard) returns a JobResult with ``ok == False``."""
+
+    @abc.abstractmethod
+    def run_erasure_job(self, job: ErasureJob) -> JobResult:
+        """Solve for ``job``'s requests; the result holds the candidate adapter when ``ok``."""
+
+    @abc.abstractmethod
+    def run_training_job(self, job: TrainingJob) -> JobResult:
+        """Train the tenant's first adapter; the result holds it when ``ok``."""
+
+    def describe(self) -> dict[str, Any]:
+        """What ran the job, for manifests and receipts."""
+        return {"runner": type(self).__name__}
+
+
+class LocalJobRunner(JobRunner):
+    """The jobs in this process, world size 1: the same functions the Ray workers call."""
+
+    def run_erasure_job(self, job: ErasureJob) -> JobResult:
+        return self._run(lambda out: execute_erasure(job, Shard(), out, Heartbeat(job.heartbeat_dir, 0)))
+
+    def run_training_job(self, job: TrainingJob) -> JobResult:
+        return self._run(lambda out: execute_training(job, out, Heartbeat(job.heartbeat_dir, 0)))
+
+    def describe(self) -> dict[str, Any]:
+        return {"runner": "local", "world_size": 1}
+
+    @staticmethod
+    def _run(work: Callable[[Path], dict]) -> JobResult:
+        workdir = Path(tempfile.mkdtemp(prefix="eraser-job-"))
+        try:
+            work(workdir)
+            return JobResult(body=read_result(workdir), workdir=workdir)
+        except BaseException:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+
+
+# ---------------------------------------------------------------- Ray Train
+
+
+def _all_reduce_sum(device: Any) -> Callable:
+    """``Shard.reduce`` for torch.distributed: sum a tensor over all workers (NCCL needs it on the GPU)."""
+    import torch.distributed as dist
+
+    def reduce(tensor):
+        if device is not None and tensor.device != device:
+            moved = tensor.to(device)
+            dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+            return moved.to(tensor.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    return reduce
+
+
+def _report(rank: int, status: str, out_dir: Path | None) -> None:
+    import ray.train
+
+    if rank == 0 and out_dir is not None:
+        ray.train.report({"status": status}, checkpoint=ray.train.Checkpoint.from_directory(str(out_dir)))
+    else:
+        ray.train.report({"status": status})
+
+
+def _erasure_worker(config: dict) -> None:
+    """The per-worker loop of an erasure job (module level: Ray pickles it by reference)."""
+    import ray.train
+    import ray.train.torch
+
+    job: ErasureJob = config["job"]
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device() if config.get("use_gpu") else None
+    shard = Shard(rank=rank, world_size=world_size, reduce=_all_reduce_sum(device))
+    out_dir = Path(tempfile.mkdtemp(prefix="eraser-result-")) if rank == 0 else None
+    try:
+        body = execute_erasure(job, shard, out_dir, Heartbeat(job.heartbeat_dir, rank))
+        _report(rank, body["status"], out_dir)
+    finally:
+        if out_dir is not None:
+            shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def _training_worker(config: dict) -> None:
+    import ray.train
+
+    job: TrainingJob = config["job"]
+    rank = ray.train.get_context().get_world_rank()
+    out_dir = Path(tempfile.mkdtemp(prefix="eraser-result-")) if rank == 0 else None
+    try:
+        body = execute_training(job, out_dir, Heartbeat(job.heartbeat_dir, rank)) if rank == 0 else {"status": "ok"}
+        _report(rank, body["status"], out_dir)
+    finally:
+        if out_dir is not None:
+            shutil.rmtree(out_dir, ignore_errors=True)
+
+
+class RayTrainJobRunner(JobRunner):
+    """Jobs as Ray Train ``TorchTrainer`` runs on the connected Ray cluster.
+
+    ``max_failures``: how often Train restarts the worker group after a worker dies (FailureConfig);
+    the job is idempotent (it only reads the store), so a retry is safe. Onboarding trains on one
+    worker (``train_lora`` is not data-parallel); erasures use ``num_workers``.
+    """
+
+    def __init__(self, spec: RunnerSpec | None = None) -> None:
+        self.spec = spec or RunnerSpec()
+
+    def describe(self) -> dict[str, Any]:
+        return {"runner": "ray-train", "num_workers": self.spec.num_workers, "use_gpu": self.spec.use_gpu,
+                "max_failures": self.spec.max_failures}
+
+    def run_erasure_job(self, job: ErasureJob) -> JobResult:
+        return self._fit(_erasure_worker, job, f"erase-{job.tenant}-{job.job_id or uuid.uuid4().hex[:8]}",
+                         self.spec.num_workers)
+
+    def run_training_job(self, job: TrainingJob) -> JobResult:
+        return self._fit(_training_worker, job, f"train-{job.tenant}-{job.job_id or uuid.uuid4().hex[:8]}", 1)
+
+    def _fit(self, loop: Callable, job: Any, name: str, num_workers: int) -> JobResult:
+        from ray.train import FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchConfig, TorchTrainer
+
+        spec = self.spec
+        own_storage = spec.storage_path is None
+        storage = tempfile.mkdtemp(prefix="eraser-train-") if own_storage else spec.storage_path
+        resources = {"CPU": spec.cpus_per_worker} | ({"GPU": 1} if spec.use_gpu else {})
+        trainer = TorchTrainer(
+            loop,
+            train_loop_config={"job": job, "use_gpu": spec.use_gpu},
+            torch_config=TorchConfig(backend="nccl" if spec.use_gpu else "gloo"),
+            scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=spec.use_gpu, resources_per_worker=resources),
+            run_config=RunConfig(name=name, storage_path=storage,
+                                 failure_config=FailureConfig(max_failures=spec.max_failures)),
+        )
+        logger.info("tenant %s: Ray Train run %s on %d worker(s) (%s), max_failures %d", job.tenant, name,
+                    num_workers, "GPU/NCCL" if spec.use_gpu else "CPU/gloo", spec.max_failures)
+        workdir = Path(tempfile.mkdtemp(prefix="eraser-job-"))
+        try:
+            try:
+                result = trainer.fit()
+            except Exception as error:  # TrainingFailedError and friends: workers lost, retries spent
+                raise JobFailedError(f"Ray Train run {name} of tenant {job.tenant!r} failed "
+                                     f"(max_failures={spec.max_failures}): {_first_line(error)}") from error
+            if getattr(result, "error", None) is not None:
+                raise JobFailedError(f"Ray Train run {name} of tenant {job.tenant!r} failed: {_first_line(result.error)}")
+            if result.checkpoint is None:
+                raise JobFailedError(f"Ray Train run {name} of tenant {job.tenant!r} finished without a result checkpoint")
+            result.checkpoint.to_directory(str(workdir))
+            return JobResult(body=read_result(workdir), workdir=workdir)
+        except BaseException:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        finally:
+            _delete_run(storage, name, own_storage)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    lines = [line for line in text.splitlines() if line.strip()]
+    # Ray's errors put the cause last; keep the head and the cause, not the whole traceback.
+    return lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
+
+
+def _delete_run(storage: str, name: str, own_storage: bool) -> None:
+    """Delete the run's checkpoints: they hold a candidate adapter that must not outlive the job."""
+    try:
+        if own_storage:
+            shutil.rmtree(storage, ignore_errors=True)
+            return
+        import pyarrow.fs
+
+        filesystem, root = pyarrow.fs.FileSystem.from_uri(storage)
+        filesystem.delete_dir(f"{root.rstrip('/')}/{name}")
+    except Exception as error:  # best effort: the run directory is not part of the store
+        logger.warning("could not delete Ray Train run %s under %s: %s", name, storage, error)
+
+
+def make_runner(spec: RunnerSpec | None) -> JobRunner:
+    """The runner a spec names."""
+    spec = spec or RunnerSpec()
+    return LocalJobRunner() if spec.kind == "local" else RayTrainJobRunner(spec)

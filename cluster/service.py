@@ -1,0 +1,189 @@
+"""The entry point other layers call: submit erasures, onboard tenants, register the publish hook.
+
+Two implementations of one small interface:
+
+- :class:`RayErasureService`: per-tenant coordinator actors on a Ray cluster (the serving layer,
+  ``eraser tenants ... --address``, the batch job);
+- :class:`LocalErasureService`: the same coordinators in this process (``--local``, unit tests).
+
+Serving wires it as ``RayErasureService(store_settings).submit(receipt)`` from its backend and
+``register_publish_hook(name, hook)`` once at start, with ``hook(tenant, head)`` telling every
+replica to switch (returning ``{"switched_at": ...}`` when they have).
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterable, Sequence
+
+from tenants.models import ErasureRequest, Receipt
+from tenants.settings import StoreSettings
+from tenants.store import TenantStore
+
+from cluster.config import NAMESPACE, CoordinatorOptions, RunnerSpec
+from cluster.coordinator import ErasureCoordinator, PublishHook
+from cluster.errors import ClusterError
+from cluster.runners import JobRunner, make_runner
+
+logger = logging.getLogger(__name__)
+
+TERMINAL = ("published", "failed", "rejected")
+
+
+def as_request(request: ErasureRequest | Receipt | dict) -> ErasureRequest:
+    if isinstance(request, Receipt):
+        return request.request
+    if isinstance(request, ErasureRequest):
+        return request
+    return ErasureRequest.model_validate(request)
+
+
+class ErasureService(abc.ABC):
+    """Submit erasures and onboard tenants; every tenant's work goes through its one coordinator."""
+
+    def __init__(self, store_settings: StoreSettings) -> None:
+        self.store_settings = store_settings
+        self.store = TenantStore(store_settings)
+
+    @abc.abstractmethod
+    def submit(self, request: ErasureRequest | Receipt | dict) -> Receipt:
+        """Record the request (pending, idempotent by request id) and schedule it; returns at once."""
+
+    @abc.abstractmethod
+    def process(self, tenants: Sequence[str]) -> dict[str, list[dict]]:
+        """Run every pending request of ``tenants`` to a final state (tenants in parallel); blocks."""
+
+    @abc.abstractmethod
+    def onboard(self, tenant: str, data_version: str | None = None) -> str:
+        """Train and publish the tenant's first adapter, create HEAD; returns the adapter version. Blocks."""
+
+    @abc.abstractmethod
+    def register_publish_hook(self, name: str, hook: PublishHook) -> None:
+        """Have ``hook(tenant, head)`` called after every HEAD move."""
+
+    def purge_due(self, tenants: Sequence[str]) -> None:
+        """Purge what is past its grace period now (a round does it too)."""
+
+    def receipts(self, tenant: str, request_ids: Iterable[str]) -> list[Receipt]:
+        return [self.store.get_receipt(tenant, request_id) for request_id in request_ids]
+
+    def wait(self, tenant: str, request_ids: Sequence[str], timeout_s: float = 600.0, poll_s: float = 1.0) -> list[Receipt]:
+        """Poll the ledger until every request is published, failed or rejected (ClusterError on timeout)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            receipts = self.receipts(tenant, request_ids)
+            if all(r.status.value in TERMINAL for r in receipts):
+                return receipts
+            if time.monotonic() > deadline:
+                open_ = [r.request_id for r in receipts if r.status.value not in TERMINAL]
+                raise ClusterError(f"tenant {tenant!r}: requests {open_} not finished after {timeout_s:.0f}s")
+            time.sleep(poll_s)
+
+
+class LocalErasureService(ErasureService):
+    """Coordinators in this process (one per tenant, kept), jobs by ``runner`` (default in-process)."""
+
+    def __init__(self, store_settings: StoreSettings, runner: JobRunner | RunnerSpec | None = None,
+                 options: CoordinatorOptions | None = None, heartbeat_dir: str | None = None) -> None:
+        super().__init__(store_settings)
+        self.runner = runner if isinstance(runner, JobRunner) else make_runner(runner or RunnerSpec(kind="local"))
+        self.options = options or CoordinatorOptions()
+        self.heartbeat_dir = heartbeat_dir
+        self._hooks: dict[str, PublishHook] = {}
+        self._coordinators: dict[str, ErasureCoordinator] = {}
+        self._guard = threading.Lock()
+
+    def coordinator(self, tenant: str) -> ErasureCoordinator:
+        with self._guard:
+            if tenant not in self._coordinators:
+                self.store.get_tenant(tenant)  # TenantNotFoundError first
+                self._coordinators[tenant] = ErasureCoordinator(
+                    tenant, self.store, self.runner, self.options, hooks=lambda: list(self._hooks.values()),
+                    heartbeat_dir=self.heartbeat_dir)
+            return self._coordinators[tenant]
+
+    def submit(self, request: ErasureRequest | Receipt | dict) -> Receipt:
+        request = as_request(request)
+        return self.coordinator(request.tenant).submit(request)
+
+    def process(self, tenants: Sequence[str]) -> dict[str, list[dict]]:
+        tenants = list(dict.fromkeys(tenants))
+        if not tenants:
+            return {}
+        with ThreadPoolExecutor(max_workers=len(tenants)) as pool:
+            results = pool.map(lambda t: self.coordinator(t).run_until_idle(), tenants)
+            return {t: [vars(r) for r in reports] for t, reports in zip(tenants, results)}
+
+    def onboard(self, tenant: str, data_version: str | None = None) -> str:
+        return self.coordinator(tenant).onboard(data_version)
+
+    def register_publish_hook(self, name: str, hook: PublishHook) -> None:
+        self._hooks[name] = hook
+
+    def purge_due(self, tenants: Sequence[str]) -> None:
+        for tenant in tenants:
+            self.coordinator(tenant).purge_due()
+
+
+class RayErasureService(ErasureService):
+    """Coordinator actors on the connected Ray cluster (``ray.init`` first, or pass ``address``)."""
+
+    def __init__(self, store_settings: StoreSettings, runner: RunnerSpec | None = None,
+                 options: CoordinatorOptions | None = None, namespace: str = NAMESPACE,
+                 address: str | None = None, heartbeat_dir: str | None = None) -> None:
+        import ray
+
+        super().__init__(store_settings)
+        if not ray.is_initialized():
+            ray.init(address=address, namespace=namespace, log_to_driver=True)
+        self.runner = runner or RunnerSpec()
+        self.options = options or CoordinatorOptions()
+        self.namespace = namespace
+        self.heartbeat_dir = heartbeat_dir
+
+    def coordinator(self, tenant: str):
+        """The tenant's actor handle (get-or-create)."""
+        from cluster.actors import get_coordinator
+
+        self.store.get_tenant(tenant)  # TenantNotFoundError before creating an actor for nobody
+        return get_coordinator(tenant, self.store_settings, self.runner, self.options, self.namespace,
+                               self.heartbeat_dir)
+
+    def submit(self, request: ErasureRequest | Receipt | dict) -> Receipt:
+        import ray
+
+        request = as_request(request)
+        body = ray.get(self.coordinator(request.tenant).submit.remote(request.model_dump(mode="json")))
+        return Receipt.model_validate(body)
+
+    def process(self, tenants: Sequence[str]) -> dict[str, list[dict]]:
+        import ray
+
+        tenants = list(dict.fromkeys(tenants))
+        refs = {tenant: self.coordinator(tenant).run_until_idle.remote() for tenant in tenants}
+        return {tenant: ray.get(ref) for tenant, ref in refs.items()}
+
+    def process_async(self, tenants: Sequence[str]) -> dict[str, Any]:
+        """Start rounds for ``tenants``; returns ``{tenant: ObjectRef}`` (for progress displays)."""
+        return {tenant: self.coordinator(tenant).run_until_idle.remote() for tenant in dict.fromkeys(tenants)}
+
+    def onboard(self, tenant: str, data_version: str | None = None) -> str:
+        import ray
+
+        return ray.get(self.coordinator(tenant).onboard.remote(data_version))
+
+    def register_publish_hook(self, name: str, hook: PublishHook) -> None:
+        from cluster.actors import register_publish_hook
+
+        register_publish_hook(name, hook, self.namespace)
+
+    def purge_due(self, tenants: Sequence[str]) -> None:
+        import ray
+
+        ray.get([self.coordinator(tenant).purge_due.remote() for tenant in dict.fromkeys(tenants)])
+
+
