@@ -33,3 +33,28 @@ def store(s3_server, s3_bucket, tmp_path):
 
     settings = s3_server.settings(bucket=s3_bucket, prefix=f"t-{uuid.uuid4().hex[:12]}", cache_dir=tmp_path / "cache")
     return TenantStore(settings)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One Ray head for the whole session (``ray start --head``: own ports, own temp dir, auth off),
+    with this process connected as a driver. Stopped by its own processes' ids, never ``ray stop``."""
+    import os
+
+    import ray
+
+    from tests.cluster.ray_head import RayHead
+
+    head = RayHead(num_cpus=2).start()
+    previous = os.environ.get("RAY_ADDRESS")
+    os.environ["RAY_ADDRESS"] = head.address
+    try:
+        ray.init(address=head.address, namespace="eraser-tests", log_to_driver=False)
+        yield head
+    finally:
+        ray.shutdown()
+        if previous is None:
+            os.environ.pop("RAY_ADDRESS", None)
+        else:
+            os.environ["RAY_ADDRESS"] = previous
+        head.stop()
