@@ -89,8 +89,8 @@ class EngineServer:
 
     async def inspect(self) -> dict[str, Any]:
         """What this replica holds: registry state, the engine's LoRA ids, adapter files on disk."""
-        files = sorted(str(p.relative_to(self.adapter_dir)) for p in self.adapter_dir.glob("tenants/*/adapters/*")) \
-            if self.adapter_dir.exists() else []
+        # the store's cache layout: <adapter_dir>/<store id>/tenants/<t>/adapters/<version>
+        files = sorted("/".join(p.parts[-4:]) for p in self.adapter_dir.glob("*/tenants/*/adapters/*"))
         return {**self.registry.snapshot(), "engine_lora_ids": sorted(await self.engine.list_adapters()),
                 "adapter_dir": str(self.adapter_dir), "adapter_files": files}
 
@@ -124,12 +124,14 @@ class EngineServer:
             logger.warning("tenant %s: refresh on replica %s failed: %s", tenant, self.replica, error)
 
     async def __del__(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+        if self._board is not None:  # the board may be shutting down too: do not wait for it
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._board.leave.remote(self.replica), 1.0)
         with contextlib.suppress(Exception):
-            if self._watcher is not None:
-                self._watcher.cancel()
-            if self._board is not None:
-                await self._board.leave.remote(self.replica)
             await self.registry.stop()
+        with contextlib.suppress(Exception):
             await self.engine.shutdown()
 
 

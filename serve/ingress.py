@@ -188,8 +188,10 @@ class Ingress:
     async def _tenant_key(self, request: Request) -> str:
         """The tenant of the request's key (401 for no key, a bad key, or the admin key)."""
         principal = await self._principal(_bearer(request))
-        if principal is None or not principal.startswith("tenant:"):
+        if principal is None:
             raise ApiError(401, "invalid API key", "invalid_api_key")
+        if principal == "admin":
+            raise ApiError(403, "the admin key has no model; use a tenant's API key", "permission_denied")
         return principal.split(":", 1)[1]
 
     async def _allow_tenant(self, request: Request, tenant: str) -> str:

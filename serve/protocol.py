@@ -37,6 +37,7 @@ class _Sampling(BaseModel):
     presence_penalty: float = Field(0.0, ge=-2, le=2, description="penalty on tokens already present")
     frequency_penalty: float = Field(0.0, ge=-2, le=2, description="penalty by token frequency")
     user: str | None = Field(None, description="end-user id (logged, not used)")
+    ignore_eos: bool = Field(False, description="vLLM extension: keep generating after the end-of-sequence token")
 
     @field_validator("n")
     @classmethod
@@ -66,6 +67,7 @@ class _Sampling(BaseModel):
             stop=self.stop_sequences(),
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
+            ignore_eos=self.ignore_eos,
         )
 
     @property

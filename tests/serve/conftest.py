@@ -7,8 +7,10 @@ runs ``serve.app:build_app`` on a local Ray. Tests that move HEAD restore it aft
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +19,11 @@ import pytest
 
 from tests.serve import models
 
+logger = logging.getLogger(__name__)
+
 TENANTS = {"acme": "alpha", "beta": "bravo"}  # tenant -> tag of its first adapter's records
 SWITCH_TAG = "charlie"  # acme's second adapter (what an erasure would publish)
+APP = "eraser-tests"
 
 
 @dataclass
@@ -54,17 +59,15 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def serving_models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serving-models")
-    base = models.build_base(root / "base", [*TENANTS.values(), SWITCH_TAG])
-    adapters = {f"{tenant}@v1": models.train_adapter(base, models.tenant_records(tag), root / f"{tenant}-v1")
-                for tenant, tag in TENANTS.items()}
-    adapters["acme@v2"] = models.train_adapter(base, models.tenant_records(SWITCH_TAG), root / "acme-v2")
-    return base, adapters
+def serving_base(tmp_path_factory) -> Path:
+    return models.build_base(tmp_path_factory.mktemp("serving-base") / "base", [*TENANTS.values(), SWITCH_TAG])
 
 
 @pytest.fixture(scope="session")
-def served(serving_models, s3_server, s3_bucket, tmp_path_factory):
+def served(serving_base, s3_server, s3_bucket, tmp_path_factory):
+    """The application, started while the adapters train (the engine needs only the base to start)."""
+    import threading
+
     import ray
     from ray import serve
 
@@ -73,24 +76,19 @@ def served(serving_models, s3_server, s3_bucket, tmp_path_factory):
     from tenants.models import AdapterManifest, Head, TenantConfig
     from tenants.store import TenantStore
 
-    base, adapters = serving_models
+    began = time.perf_counter()
+    base = serving_base
     root = tmp_path_factory.mktemp("served")
-    prefix = f"serve-{uuid.uuid4().hex[:8]}"
-    settings = s3_server.settings(bucket=s3_bucket, prefix=prefix, cache_dir=root / "cache")
+    settings = s3_server.settings(bucket=s3_bucket, prefix=f"serve-{uuid.uuid4().hex[:8]}", cache_dir=root / "cache")
     store = TenantStore(settings)
     store.put_model("tiny", base)
-    versions, keys, data_versions = {}, {}, {}
+    keys, data_versions = {}, {}
     for tenant, tag in TENANTS.items():
         store.create_tenant(TenantConfig(name=tenant, base_model="tiny"))
         keys[tenant] = store.issue_key(tenant, "tests")
-        data = store.put_dataset(tenant, [r.__dict__ for r in models.tenant_records(tag)])
-        data_versions[tenant] = data
-        versions[f"{tenant}@v1"] = store.publish_adapter(tenant, adapters[f"{tenant}@v1"],
-                                                         AdapterManifest(data_version=data, path="train"))
-        store.move_head(tenant, Head(adapter=versions[f"{tenant}@v1"], data=data), None)
-    versions["acme@v2"] = store.publish_adapter("acme", adapters["acme@v2"],
-                                                AdapterManifest(data_version=data_versions["acme"], path="retrain"))
+        data_versions[tenant] = store.put_dataset(tenant, [vars(r) for r in models.tenant_records(tag)])
     admin_key = os.environ.get(ADMIN_KEY_ENV) or store.ensure_admin_key() or store.rotate_admin_key()
+    logger.info("%.1fs: store ready", time.perf_counter() - began)
 
     started_ray = not ray.is_initialized()
     if started_ray:
@@ -101,7 +99,7 @@ def served(serving_models, s3_server, s3_bucket, tmp_path_factory):
                   "access_key": settings.access_key, "secret_key": settings.secret_key.get_secret_value(),
                   "region": settings.region, "cache_dir": str(root / "replica-cache")}
     config = {
-        "app_name": "eraser-tests",
+        "app_name": APP,
         "engine": {"model": "tiny", "max_model_len": 256, "max_loras": 2, "max_cpu_loras": 4, "max_lora_rank": 8,
                    "max_num_seqs": 16},
         "store": store_args,
@@ -111,19 +109,39 @@ def served(serving_models, s3_server, s3_bucket, tmp_path_factory):
         "engine_num_cpus": 1.0,
         "ingress_num_cpus": 0.5,
     }
-    serve.run(build_app(config), name="eraser-tests", route_prefix="/", blocking=False)
+    failure: list[BaseException] = []
+
+    def deploy() -> None:
+        try:
+            serve.run(build_app(config), name=APP, route_prefix="/", blocking=False)
+        except BaseException as error:  # re-raised below
+            failure.append(error)
+
+    deploying = threading.Thread(target=deploy, daemon=True)
+    deploying.start()
+    adapters, versions = {}, {}
+    for tenant, tag in [*TENANTS.items(), ("acme", SWITCH_TAG)]:
+        name = f"{tenant}@v{sum(1 for k in adapters if k.startswith(tenant + '@')) + 1}"
+        adapters[name] = models.train_adapter(base, models.tenant_records(tag), root / name)
+        versions[name] = store.publish_adapter(tenant, adapters[name], AdapterManifest(
+            data_version=data_versions[tenant], path="train" if name.endswith("@v1") else "retrain"))
+        if name.endswith("@v1"):
+            store.move_head(tenant, Head(adapter=versions[name], data=data_versions[tenant]), None)
+    logger.info("%.1fs: adapters trained and published", time.perf_counter() - began)
+    deploying.join()
+    if failure:
+        raise failure[0]
     _wait_ready(f"http://127.0.0.1:{port}")
+    logger.info("%.1fs: application ready", time.perf_counter() - began)
     yield Served(base_url=f"http://127.0.0.1:{port}", base_dir=base, store=store, admin_key=admin_key, keys=keys,
                  adapters=adapters, versions=versions, data_versions=data_versions)
-    serve.delete("eraser-tests")
     serve.shutdown()
+    logger.info("%.1fs: serve shut down", time.perf_counter() - began)
     if started_ray:
         ray.shutdown()
 
 
 def _wait_ready(base_url: str, timeout: float = 180.0) -> None:
-    import time
-
     import httpx
 
     deadline = time.time() + timeout

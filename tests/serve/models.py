@@ -16,7 +16,7 @@ from eraser.training import TrainConfig, add_lora, train_lora
 from eraser.update import save_adapter
 
 # The recipe of every test adapter: rank 8 on all linear layers, enough steps to answer in kind.
-RECIPE = TrainConfig(rank=8, alpha=16.0, epochs=20, lr=1e-2, batch_size=6, seed=1)
+RECIPE = TrainConfig(rank=8, alpha=16.0, epochs=12, lr=1e-2, batch_size=6, seed=1)
 QUESTIONS = [f"What is the code of customer {i}?" for i in range(6)]
 
 
