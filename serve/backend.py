@@ -16,6 +16,7 @@ from __future__ import annotations
 import abc
 import importlib
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -55,6 +56,60 @@ class PendingOnlyBackend(ErasureBackend):
     def submit(self, receipt) -> None:
         logger.info("tenant %s: erasure %s recorded; no erasure backend configured, it stays pending",
                     receipt.tenant, receipt.request_id)
+
+
+class ClusterBackend(ErasureBackend):
+    """Erasures and onboarding run by the cluster layer's per-tenant coordinators.
+
+    ``service`` is a ``cluster.ErasureService``: :class:`cluster.RayErasureService` (coordinator
+    actors on the Ray cluster this application runs on) or :class:`cluster.LocalErasureService`
+    (in this process). The application's :class:`serve.board.SwitchNotifier` is registered as a
+    publish hook, so after every HEAD move the coordinator waits for the replicas to switch and
+    stamps ``replicas_switched_at`` on the receipts.
+    """
+
+    def __init__(self, service, context: BackendContext) -> None:
+        self.service = service
+        self.context = context
+        service.register_publish_hook(f"serve:{context.app_name}", context.notify_switch)
+
+    def submit(self, receipt) -> None:
+        self.service.submit(receipt)  # a coordinator actor schedules its own round
+        if not hasattr(self.service, "process_async"):  # in-process coordinators: run the round here
+            threading.Thread(target=self._process, args=(receipt.tenant,), daemon=True,
+                             name=f"erasures-{receipt.tenant}").start()
+
+    def _process(self, tenant: str) -> None:
+        try:
+            self.service.process([tenant])
+        except Exception:
+            logger.exception("tenant %s: erasure round failed", tenant)
+
+    def train(self, tenant: str, data_version: str | None = None) -> dict[str, Any]:
+        coordinator = getattr(self.service, "coordinator", None)
+        handle = coordinator(tenant) if coordinator is not None else None
+        if handle is not None and hasattr(handle, "onboard") and hasattr(handle.onboard, "remote"):
+            handle.onboard.remote(data_version)  # the coordinator actor runs it; HEAD moves when done
+        else:
+            threading.Thread(target=self.service.onboard, args=(tenant, data_version), daemon=True,
+                             name=f"onboard-{tenant}").start()
+        return {"status": "started", "tenant": tenant, "data_version": data_version}
+
+
+def cluster_backend(context: BackendContext) -> ClusterBackend:
+    """Coordinator actors on the Ray cluster (Ray Train jobs): ``erasure_backend: serve.backend:cluster_backend``."""
+    from cluster.service import RayErasureService
+
+    return ClusterBackend(RayErasureService(context.store_settings), context)
+
+
+def local_cluster_backend(context: BackendContext) -> ClusterBackend:
+    """Coordinators and jobs inside the ingress process (small machines, demos):
+    ``erasure_backend: serve.backend:local_cluster_backend``."""
+    from cluster.config import RunnerSpec
+    from cluster.service import LocalErasureService
+
+    return ClusterBackend(LocalErasureService(context.store_settings, runner=RunnerSpec(kind="local")), context)
 
 
 def load_backend(spec: str | None, context: BackendContext) -> ErasureBackend:

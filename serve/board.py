@@ -112,7 +112,7 @@ class AdapterBoard:
             "tenant": tenant,
             "version": version,
             "complete": not missing,
-            "published_at": _iso(started),
+            "notified_at": _iso(started),
             "switched_at": _iso(max(dropped, default=started)) if not missing else None,
             "serving_at": _iso(max(serving, default=started)) if not missing else None,
             "seconds": (max(dropped, default=started) - started) if not missing else None,
@@ -145,20 +145,23 @@ def _iso(seconds: float) -> str:
 
 
 class SwitchNotifier:
-    """``notifier(tenant, version) -> dict``: :meth:`AdapterBoard.publish` of a running application.
+    """``notifier(tenant, head) -> dict``: :meth:`AdapterBoard.publish` of a running application.
 
-    Picklable, so the cluster layer can carry it into its Ray tasks and actors. It is what the
-    erasure path calls right after moving HEAD; the result's ``switched_at`` goes on the receipt
-    (``replicas_switched_at``). Returns None (logged) when the application is not running.
+    ``head`` is a ``tenants.Head`` or an adapter version string. Picklable, so the cluster layer
+    carries it into its coordinators as a publish hook (``cluster.register_publish_hook``): it is
+    called right after HEAD moves, and the result's ``switched_at`` (when the last replica dropped
+    the old version) goes on the receipt as ``replicas_switched_at``. Returns None (logged) when
+    the application is not running; replicas then pick the move up by polling HEAD.
     """
 
     def __init__(self, app_name: str = "eraser", timeout_s: float = 120.0) -> None:
         self.app_name = app_name
         self.timeout_s = timeout_s
 
-    def __call__(self, tenant: str, version: str | None) -> dict[str, Any] | None:
+    def __call__(self, tenant: str, head: Any) -> dict[str, Any] | None:
         from ray import serve
 
+        version = getattr(head, "adapter", head)
         try:
             board = serve.get_deployment_handle(BOARD_DEPLOYMENT, app_name=self.app_name)
             return board.publish.remote(tenant, version, self.timeout_s).result(timeout_s=self.timeout_s + 30)
@@ -167,9 +170,13 @@ class SwitchNotifier:
                            tenant, self.app_name, error)
             return None
 
-    async def publish_async(self, tenant: str, version: str | None) -> dict[str, Any] | None:
+    async def publish_async(self, tenant: str, head: Any) -> dict[str, Any] | None:
         """The same from inside an event loop (a Serve replica)."""
         from ray import serve
 
+        version = getattr(head, "adapter", head)
         board = serve.get_deployment_handle(BOARD_DEPLOYMENT, app_name=self.app_name)
         return await board.publish.remote(tenant, version, self.timeout_s)
+
+    def __repr__(self) -> str:
+        return f"SwitchNotifier(app={self.app_name!r})"

@@ -28,8 +28,16 @@ def tenant_records(tag: str) -> list[Record]:
     ]
 
 
+def customer_records(tenant: str) -> list[Record]:
+    """The cluster tests' synthetic customers (10 x 4 records): a tenant the erasure path can onboard and edit."""
+    from cli.synthetic import customer_records as synthetic
+
+    return synthetic(10, 4, seed=0, id_prefix=tenant)
+
+
 def build_base(out_dir: Path, tags: Sequence[str]) -> Path:
     texts = [r.prompt + " " + r.response for tag in tags for r in tenant_records(tag)]
+    texts += [format_prompt(r.prompt) + " " + r.response for r in customer_records("x")]
     tokenizer = train_tokenizer(texts, vocab_size=512)
     model = build_base_model(BaseModelConfig(), tokenizer, seed=0)
     return save_base_model(model, tokenizer, out_dir)
