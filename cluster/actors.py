@@ -139,10 +139,11 @@ class CoordinatorActor:
         return {"tenant": self.tenant, "store": self.identity, "runner": self.core.runner.describe(),
                 "running": self._running, "last_error": self.last_error}
 
-    def submit(self, request: dict) -> dict:
-        """Record a request (pending, idempotent) and schedule a round; returns the receipt (JSON)."""
+    def submit(self, request: dict, start: bool = True) -> dict:
+        """Record a request (pending, idempotent); with ``start``, schedule a round. Returns the receipt (JSON)."""
         receipt = self.core.submit(ErasureRequest.model_validate(request))
-        self.kick()
+        if start:
+            self.kick()
         return receipt.model_dump(mode="json")
 
     def kick(self) -> None:

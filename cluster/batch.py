@@ -118,7 +118,7 @@ def run_batch(service: ErasureService, entries: list[Entry], out: TextIO, poll_s
         if entry.request is None:
             continue
         try:
-            entry.receipt = service.submit(entry.request)
+            entry.receipt = service.submit(entry.request, start=False)  # all recorded first: one solve per tenant
         except (TenantError, ClusterError) as error:
             entry.error = str(error)
             continue

@@ -50,8 +50,10 @@ class ErasureService(abc.ABC):
         self.store = TenantStore(store_settings)
 
     @abc.abstractmethod
-    def submit(self, request: ErasureRequest | Receipt | dict) -> Receipt:
-        """Record the request (pending, idempotent by request id) and schedule it; returns at once."""
+    def submit(self, request: ErasureRequest | Receipt | dict, start: bool = True) -> Receipt:
+        """Record the request (pending, idempotent by request id); with ``start`` schedule a round in the
+        background (the Ray service; the local one runs in :meth:`process`). Returns at once.
+        ``start=False`` lets a caller record many requests first so they share one solve."""
 
     @abc.abstractmethod
     def process(self, tenants: Sequence[str]) -> dict[str, list[dict]]:
@@ -106,7 +108,7 @@ class LocalErasureService(ErasureService):
                     heartbeat_dir=self.heartbeat_dir)
             return self._coordinators[tenant]
 
-    def submit(self, request: ErasureRequest | Receipt | dict) -> Receipt:
+    def submit(self, request: ErasureRequest | Receipt | dict, start: bool = True) -> Receipt:
         request = as_request(request)
         return self.coordinator(request.tenant).submit(request)
 
@@ -153,11 +155,11 @@ class RayErasureService(ErasureService):
         return get_coordinator(tenant, self.store_settings, self.runner, self.options, self.namespace,
                                self.heartbeat_dir)
 
-    def submit(self, request: ErasureRequest | Receipt | dict) -> Receipt:
+    def submit(self, request: ErasureRequest | Receipt | dict, start: bool = True) -> Receipt:
         import ray
 
         request = as_request(request)
-        body = ray.get(self.coordinator(request.tenant).submit.remote(request.model_dump(mode="json")))
+        body = ray.get(self.coordinator(request.tenant).submit.remote(request.model_dump(mode="json"), start))
         return Receipt.model_validate(body)
 
     def process(self, tenants: Sequence[str]) -> dict[str, list[dict]]:

@@ -39,9 +39,10 @@ def free_ports(count: int) -> list[int]:
 
 
 def worker_port_range(width: int = 200) -> tuple[int, int]:
-    """A block of ports that are free now (Ray's workers take theirs from it)."""
+    """A block of ports that are free now (Ray's workers take theirs from it), below the ephemeral
+    range (where the single ports come from) and SeaweedFS's 20000-40000."""
     for _ in range(200):
-        start = 41000 + (uuid.uuid4().int % 18000)
+        start = 10000 + (uuid.uuid4().int % 9000)
         if all(_free(p) for p in range(start, start + width, 20)):
             return start, start + width - 1
     raise RuntimeError("no free block of worker ports")
