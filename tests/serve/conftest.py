@@ -2,7 +2,7 @@
 
 ``served`` builds a tiny base model and three LoRA adapters (tenant ``acme`` v1 and v2, tenant
 ``beta`` v1), puts them in the store exactly as the erasure path would (publish + move HEAD), and
-runs ``serve.app:build_app`` on a local Ray. Tests that move HEAD restore it afterwards.
+runs ``serve.app:build_app`` on the session's Ray head (``ray_cluster``). Tests that move HEAD restore it afterwards.
 """
 
 from __future__ import annotations
@@ -64,11 +64,10 @@ def serving_base(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def served(serving_base, s3_server, s3_bucket, tmp_path_factory):
+def served(serving_base, ray_cluster, s3_server, s3_bucket, tmp_path_factory):
     """The application, started while the adapters train (the engine needs only the base to start)."""
     import threading
 
-    import ray
     from ray import serve
 
     from serve.app import build_app
@@ -90,9 +89,6 @@ def served(serving_base, s3_server, s3_bucket, tmp_path_factory):
     admin_key = os.environ.get(ADMIN_KEY_ENV) or store.ensure_admin_key() or store.rotate_admin_key()
     logger.info("%.1fs: store ready", time.perf_counter() - began)
 
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     store_args = {"endpoint": settings.endpoint, "bucket": settings.bucket, "prefix": settings.prefix,
@@ -137,8 +133,6 @@ def served(serving_base, s3_server, s3_bucket, tmp_path_factory):
                  adapters=adapters, versions=versions, data_versions=data_versions)
     serve.shutdown()
     logger.info("%.1fs: serve shut down", time.perf_counter() - began)
-    if started_ray:
-        ray.shutdown()
 
 
 def _wait_ready(base_url: str, timeout: float = 180.0) -> None:
