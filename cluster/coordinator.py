@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Callable, Iterable, Sequence
 
-from tenants.errors import ConflictError, HeadConflictError, TenantError
+from tenants.errors import ConflictError, HeadConflictError, InvalidTransitionError, TenantError
 from tenants.models import AdapterManifest, ErasureRequest, Head, Receipt, ReceiptStatus, Record
 from tenants.store import TenantStore
 
@@ -54,7 +54,7 @@ class BatchReport:
     """What one round did (for logs and the batch summary)."""
 
     request_ids: list[str] = field(default_factory=list)
-    status: str = ""  # published | failed | requeued | rejected
+    status: str = ""  # published | failed | requeued | skipped (taken by another round)
     adapter_version: str | None = None
     error: str | None = None
 
@@ -273,15 +273,26 @@ class ErasureCoordinator:
         return head, etag, records, batch
 
     def _run_batch(self, head: Head, etag: str, records: list[Record], batch: list[_Planned]) -> BatchReport:
-        ids = [p.receipt.request_id for p in batch]
-        report = BatchReport(request_ids=ids)
         started = time.perf_counter()
         started_at = time.time()
-        for planned in batch:
+        claimed = []
+        for planned in batch:  # pending -> running by compare-and-swap: a request is run by one round only
             queued = max(0.0, started_at - planned.receipt.created_at.timestamp())
-            self._update(planned.receipt.request_id, lambda r, p=planned, q=queued: r.transition(
-                ReceiptStatus.running, old_adapter_version=head.adapter, old_data_version=head.data,
-                records_affected=p.selected, stages={"queued_s": q}, error=None))
+            try:
+                self._update(planned.receipt.request_id, lambda r, p=planned, q=queued: r.transition(
+                    ReceiptStatus.running, old_adapter_version=head.adapter, old_data_version=head.data,
+                    records_affected=p.selected, stages={"queued_s": q}, error=None))
+            except InvalidTransitionError as error:
+                logger.warning("tenant %s: request %s is no longer pending (%s); left out of the batch",
+                               self.tenant, planned.receipt.request_id, error)
+                continue
+            claimed.append(planned)
+        batch = claimed
+        ids = [p.receipt.request_id for p in batch]
+        report = BatchReport(request_ids=ids)
+        if not batch:
+            report.status = "skipped"
+            return report
         logger.info("tenant %s: batch of %d request(s) %s from adapter %s / data %s", self.tenant, len(ids), ids,
                     head.adapter, head.data)
         job = ErasureJob(
