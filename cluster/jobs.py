@@ -235,7 +235,7 @@ def execute_erasure(job: ErasureJob, shard: Shard, out_dir: Path | None,
             body.update(status="failed", error=str(error), error_type=type(error).__name__)
         else:
             body.update(status="ok", path=outcome.path, solver=outcome.solver, checks=outcome.checks)
-            stages.update(outcome.stages)
+            stages.update({("erase_s" if name == "total_s" else name): value for name, value in outcome.stages.items()})
         beat("save", status=body["status"])
         stages["job_s"] = time.perf_counter() - started
         body["stages"] = stages
