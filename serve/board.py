@@ -170,13 +170,5 @@ class SwitchNotifier:
                            tenant, self.app_name, error)
             return None
 
-    async def publish_async(self, tenant: str, head: Any) -> dict[str, Any] | None:
-        """The same from inside an event loop (a Serve replica)."""
-        from ray import serve
-
-        version = getattr(head, "adapter", head)
-        board = serve.get_deployment_handle(BOARD_DEPLOYMENT, app_name=self.app_name)
-        return await board.publish.remote(tenant, version, self.timeout_s)
-
     def __repr__(self) -> str:
         return f"SwitchNotifier(app={self.app_name!r})"

@@ -7,7 +7,6 @@ Every default can be overridden from the environment (``ERASER_SERVE_<FIELD>``, 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Literal
 

@@ -111,6 +111,9 @@ class Engine(abc.ABC):
     async def reset_prefix_cache(self) -> bool:
         """Drop every cached KV block so no KV computed before this call is reused."""
 
+    async def check_health(self) -> None:
+        """Raise if the engine can no longer serve (Serve then replaces the replica)."""
+
     async def shutdown(self) -> None:
         """Release the engine's processes and memory."""
 
@@ -253,6 +256,11 @@ class VLLMEngine(Engine):
         # Blocks still held by running requests make the plain reset refuse. Preempt them: they go
         # back to the queue and recompute their KV (their outputs so far are kept), and the reset succeeds.
         return bool(await self._llm.reset_prefix_cache(reset_running_requests=True))
+
+    async def check_health(self) -> None:
+        if self._llm is None:
+            raise EngineError("engine is shut down")
+        await self._llm.check_health()
 
     async def shutdown(self) -> None:
         if self._llm is not None:

@@ -95,6 +95,7 @@ class EngineServer:
                 "adapter_dir": str(self.adapter_dir), "adapter_files": files}
 
     async def check_health(self) -> None:
+        await self.engine.check_health()  # raises when vLLM died: Serve restarts this replica
         if self._watcher is not None and self._watcher.done() and not self._watcher.cancelled():
             logger.warning("board watcher of replica %s stopped: %s", self.replica, self._watcher.exception())
             self._watcher = asyncio.get_running_loop().create_task(self._watch_board())

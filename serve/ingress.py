@@ -410,14 +410,13 @@ class Ingress:
 
         await self._admin(request)
         raw = await read_body(request, self.config.max_upload_bytes)
-        text = raw.decode("utf-8", errors="replace")
-        if text.lstrip().startswith("{\"records\""):
+        if request.headers.get("content-type", "").split(";")[0].strip() == "application/json":
             try:
-                records = json.loads(text)["records"]
-            except (json.JSONDecodeError, TypeError) as error:
-                raise ApiError(400, f"request body is not valid JSON: {error}", "invalid_json") from None
+                records = json.loads(raw)["records"]
+            except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError) as error:
+                raise ApiError(400, f"expected a JSON object {{\"records\": [...]}}: {error}", "invalid_json") from None
         else:
-            records = parse_jsonl(text.splitlines(), source="request body")
+            records = parse_jsonl(raw.splitlines(), source="request body")
         version = await self._store("put_dataset", tenant, records)
         return JSONResponse({"tenant": tenant, "data_version": version}, status_code=201)
 

@@ -69,8 +69,3 @@ def adapter_dropped(tenant: str, seconds_after_retired: float) -> None:
 def adapter_switched(tenant: str, seconds: float) -> None:
     _emit("histogram", "eraser_adapter_switch_seconds", "refresh start to the new version serving", seconds,
           {"tenant": tenant})
-
-
-def erasure_stage(tenant: str, stage: str, seconds: float) -> None:
-    _emit("histogram", "eraser_erasure_stage_seconds", "erasure latency by stage", seconds,
-          {"tenant": tenant, "stage": stage})

@@ -1,4 +1,5 @@
-"""One served application per test session: real SeaweedFS, real Ray Serve, one real vLLM engine.
+"""One served application for the tests of this package (torn down after them, so its CPUs go back
+to the session's Ray head): real SeaweedFS, real Ray Serve, one real vLLM engine.
 
 ``served`` builds a tiny base model and three LoRA adapters (tenant ``acme`` v1 and v2, tenant
 ``beta`` v1), puts them in the store exactly as the erasure path would (publish + move HEAD), and
@@ -63,7 +64,7 @@ def serving_base(tmp_path_factory) -> Path:
     return models.build_base(tmp_path_factory.mktemp("serving-base") / "base", [*TENANTS.values(), SWITCH_TAG])
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def served(serving_base, ray_cluster, s3_server, s3_bucket, tmp_path_factory):
     """The application, started while the adapters train (the engine needs only the base to start)."""
     import threading

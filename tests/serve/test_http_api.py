@@ -194,6 +194,9 @@ def test_admin_onboarding_create_upload_train(served):
                     headers={"content-type": "application/x-ndjson"})
     assert uploaded.status_code == 201, uploaded.text
     assert served.store.read_dataset(name, uploaded.json()["data_version"])[2].response == "a2"
+    as_json = call(served, "POST", f"/v1/admin/tenants/{name}/records", served.admin_key,
+                   json={"records": [{"id": "j1", "prompt": "q", "response": "a"}]})
+    assert as_json.status_code == 201 and as_json.json()["data_version"] != uploaded.json()["data_version"]
     bad = call(served, "POST", f"/v1/admin/tenants/{name}/records", served.admin_key, content=b'{"id": "x"}\n')
     assert_error(bad, 400, ":1")
     # training runs in the cluster layer; without a backend the route says so

@@ -110,7 +110,6 @@ class FakeService:
 
 
 def test_cluster_backend_registers_the_switch_hook_and_runs_rounds():
-    import threading
     import time
     from types import SimpleNamespace
 
@@ -124,7 +123,6 @@ def test_cluster_backend_registers_the_switch_hook_and_runs_rounds():
     while (not service.processed or not service.onboarded) and time.time() < deadline:
         time.sleep(0.01)
     assert service.processed == [["acme"]] and service.onboarded == [("acme", "d000002")]
-    assert threading.active_count() >= 1
 
 
 def test_load_backend():
