@@ -31,3 +31,22 @@ class SolverDivergedError(EraserError, ArithmeticError):
 
 class SolverNotConvergedError(EraserError, ArithmeticError):
     """The solve hit its iteration cap above the residual tolerance."""
+
+
+class StaleCurvatureError(EraserError):
+    """A cached curvature that belongs to another adapter version (or another parameter layout)."""
+
+
+class VerificationFailedError(EraserError):
+    """No candidate adapter passed the membership test and the guard: nothing may be published.
+
+    ``outcome`` (an :class:`eraser.pipeline.ErasureOutcome`, possibly partial) holds the evidence.
+    """
+
+    def __init__(self, message: str, outcome=None):
+        super().__init__(message)
+        self.outcome = outcome
+
+
+class VerificationUnavailableError(VerificationFailedError):
+    """The membership test cannot decide: no (or too small a) held-out reference population."""

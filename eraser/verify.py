@@ -1,0 +1,420 @@
+"""The membership test run on every candidate adapter before it may be published (DESIGN.md, flow step 4).
+
+Question asked: could an attacker who sees the candidate adapter tell the erased records from records
+the adapter never trained on? The reference population is the tenant's *held-out split*
+(:func:`split_heldout`, set aside at onboarding, never trained on by any adapter version) and, where a
+benchmark has it, the erased records under the adapter retrained without them (the gold).
+
+Per-record statistics (one forward pass per record, :func:`record_statistics`):
+- ``nll``: the response NLL, :func:`eraser.records.losses_from_logits` (THE loss);
+- ``min_k``: Min-K% (Shi et al., 2024, "Detecting pretraining data"), reported as the mean NLL of
+  the K% least likely response tokens (same direction as ``nll``: low = member-like);
+- ``exposure``: for a response with a secret-like span (>= ``min_secret_digits`` digits), the
+  exposure of Carlini et al. (2019, "The Secret Sharer", section 4.3, extrapolated by a distribution
+  fit): ``-log2 P(candidate log-likelihood >= the true one)`` over candidates that re-draw every
+  digit, with a normal fit to the candidates' summed NLL. Calibrated by the base model (adapter
+  disabled) so that format priors ("555-", "20xx") that every model of the family has cancel:
+  ``exposure = exposure(candidate adapter) - exposure(base)``.
+
+The criterion ("forgotten"), for the erased (old) records E (k of them) against held-out H (m):
+1. group test: the one-sided Mann-Whitney U test of "NLL(E) is stochastically smaller than NLL(H)"
+   (exact null distribution) does not reject at ``alpha``: ``p_group >= alpha``;
+2. per-record test: log NLL of H fitted by a normal; each erased record's lower-tail p-value
+   ``Phi((log nll_i - mu) / sigma)`` is >= ``alpha / k`` (Bonferroni). Catches one memorised record
+   among k that the rank test cannot see at small k (its smallest p-value is 1/C(k+m, k)). For
+   removed records the upper tail is bounded too, at ``overshoot_alpha / k`` ("not_overshot"): a
+   record forgotten far past never-trained ones (what unbounded gradient ascent produces, NLL 7-19
+   against ~1) is as recognisable as a remembered one. The level is small because the gold itself
+   sits above the held-out records (an erased subject is unseen; held-out records' subjects are not);
+   a corrected record's old answer may legitimately fall far (the model learned another answer);
+3. secrets: every erased secret-like span has calibrated exposure <= ``max_exposure`` bits, or
+   <= the largest exposure of a held-out span where that is higher (format the adapter learned from
+   every record, such as a constant "555-" prefix, is no secret; a random base cannot calibrate it).
+Under the null (the erased records look like held-out ones, as under the gold) each test errs with
+probability about ``alpha``: a false failure costs a remediation, not a leak. A memorised record
+(NLL ~0.01 against held-out ~1) fails 1 and 2 by orders of magnitude.
+
+Tests 1-3 apply to the old pairs of ``remove`` and ``correct_response`` edits; a ``modify_query``
+edit keeps its response (trained under the new prompt), so only 4-5 apply to it.
+For ``correct_response`` / ``modify_query`` edits additionally:
+4. preference: the old pair is not preferred over the new one, on average over the edits:
+   ``mean_i [nll(old_i) - nll(new_i)] >= -preference_margin`` (a per-token log-likelihood ratio);
+5. learned: the new pairs are learned to the level of the other records: ``median nll(new) <=``
+   the ``learned_quantile`` quantile of the held-out NLL (what a never-seen in-distribution record
+   gets) or of the retained records, whichever is higher.
+
+With fewer than ``min_reference`` held-out records the test cannot decide: ``verifiable=False``,
+``passed=False`` and a reason saying so; it never claims success without a reference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import random
+import re
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from eraser.errors import EraserError
+from eraser.records import IGNORE_INDEX, Record, batches, losses_from_logits, shifted_logits_and_labels
+from eraser.requests import Edit
+
+logger = logging.getLogger(__name__)
+
+DIGIT = re.compile(r"\d")
+
+
+# -- the held-out split -------------------------------------------------------------------------
+def heldout_score(record_id: str, seed: int = 0) -> float:
+    """A uniform number in [0, 1) fixed by the record id and the seed (sha256): the split's coin."""
+    digest = hashlib.sha256(f"{seed}:{record_id}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def split_heldout(records: Sequence[Record], fraction: float, seed: int = 0) -> tuple[list[Record], list[Record]]:
+    """``(train, heldout)``: a record is held out iff ``heldout_score(id, seed) < fraction``.
+
+    Deterministic per record id (not per position), so every layer (onboarding, the coordinator,
+    the CLI, a corrected record keeping its id) computes the same split, and adding records never
+    moves an existing one across it. ``fraction == 0`` holds out nothing.
+    """
+    if not 0 <= fraction < 1:
+        raise EraserError(f"heldout fraction must be in [0, 1), got {fraction!r}")
+    train, heldout = [], []
+    for record in records:
+        (heldout if heldout_score(record.id, seed) < fraction else train).append(record)
+    return train, heldout
+
+
+# -- configuration and results ------------------------------------------------------------------
+@dataclass(frozen=True)
+class VerifyConfig:
+    """The membership test's thresholds (see the module docstring for the criterion)."""
+
+    alpha: float = 0.05  # significance of the group (Mann-Whitney) and per-record (Bonferroni) tests
+    overshoot_alpha: float = 1e-3  # upper-tail level (Bonferroni) for removed records: far above held-out
+    min_k: float = 0.2  # Min-K%: fraction of least likely response tokens averaged
+    max_exposure: float = 8.0  # bits of calibrated exposure allowed for an erased secret-like span
+    secret_candidates: int = 24  # re-drawn digit strings per secret-like span
+    min_secret_digits: int = 4  # a response with at least this many digits holds a secret-like span
+    preference_margin: float = 0.0  # nats/token the old pair may be preferred by, on average
+    learned_quantile: float = 0.5  # new pairs' median NLL must be <= this quantile of the reference
+    min_reference: int = 5  # fewer held-out records than this: cannot verify
+    calibrate_exposure: bool = True  # subtract the base model's exposure (adapter disabled)
+    secrets: bool = True  # compute exposures at all (False: the cheap NLL-only pre-check)
+    batch_size: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("alpha", "overshoot_alpha"):
+            if not 0 < getattr(self, name) < 1:
+                raise EraserError(f"{name} must be in (0, 1), got {getattr(self, name)!r}")
+        if not 0 < self.min_k <= 1:
+            raise EraserError(f"min_k must be in (0, 1], got {self.min_k!r}")
+        if not 0 <= self.learned_quantile <= 1:
+            raise EraserError(f"learned_quantile must be in [0, 1], got {self.learned_quantile!r}")
+        for name in ("secret_candidates", "min_secret_digits", "min_reference", "batch_size"):
+            if getattr(self, name) < 1:
+                raise EraserError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.max_exposure <= 0:
+            raise EraserError(f"max_exposure must be > 0, got {self.max_exposure!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class RecordStats:
+    """Per-record statistics of one population under one adapter (lists aligned with ``ids``)."""
+
+    ids: list[str] = field(default_factory=list)
+    nll: list[float] = field(default_factory=list)
+    min_k: list[float] = field(default_factory=list)
+    exposure: list[float | None] = field(default_factory=list)  # None: no secret-like span
+    secret_rank: list[int | None] = field(default_factory=list)  # 1 = the true secret is the most likely
+
+    def summary(self) -> dict:
+        exposures = [e for e in self.exposure if e is not None]
+        return {
+            "count": len(self.ids),
+            "nll_mean": _mean(self.nll),
+            "nll_median": float(np.median(self.nll)) if self.nll else None,
+            "nll_min": min(self.nll) if self.nll else None,
+            "min_k_mean": _mean(self.min_k),
+            "exposure_max": max(exposures) if exposures else None,
+        }
+
+
+@dataclass
+class VerifyResult:
+    """Every statistic of one membership test, ``passed`` and the reason."""
+
+    passed: bool
+    verifiable: bool
+    reason: str
+    erased: RecordStats
+    heldout: RecordStats
+    group_p: float | None = None  # Mann-Whitney one-sided p-value, NLL(erased) < NLL(held-out)
+    group_auc: float | None = None  # attack AUC of "lower NLL = member" (0.5 = chance)
+    min_k_p: float | None = None  # the same test on Min-K% (reported, not gating)
+    record_p: list[float] = field(default_factory=list)  # per erased record, log-normal lower tail
+    record_p_threshold: float | None = None  # alpha / k
+    record_p_upper: list[float] = field(default_factory=list)  # per erased record, log-normal upper tail
+    exposure_max: float | None = None
+    exposure_threshold: float | None = None  # max(max_exposure, held-out records' exposures)
+    preference: float | None = None  # mean nll(old) - nll(new) over replaced records
+    new_nll_median: float | None = None
+    learned_threshold: float | None = None
+    retained_nll_median: float | None = None
+    gold_nll_mean: float | None = None  # the erased records under the retrained adapter, if given
+    checks: dict[str, bool] = field(default_factory=dict)  # criterion name -> held
+
+    def to_dict(self) -> dict:
+        body = asdict(self)
+        body["erased"] = {**self.erased.summary(), "records": asdict(self.erased)}
+        body["heldout"] = self.heldout.summary()
+        return body
+
+    def brief(self) -> dict:
+        """The statistics a receipt or a summary line needs (no per-record lists)."""
+        return {
+            "passed": self.passed, "verifiable": self.verifiable, "reason": self.reason,
+            "erased_nll_mean": _mean(self.erased.nll), "heldout_nll_median": self.heldout.summary()["nll_median"],
+            "group_p": self.group_p, "auc": self.group_auc, "min_record_p": min(self.record_p) if self.record_p else None,
+            "min_record_p_upper": min(self.record_p_upper) if self.record_p_upper else None,
+            "exposure_max": self.exposure_max, "preference": self.preference, "new_nll_median": self.new_nll_median,
+            "learned_threshold": self.learned_threshold, "checks": dict(self.checks),
+        }
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return float(np.mean(values)) if len(values) else None
+
+
+# -- statistics ---------------------------------------------------------------------------------
+@torch.no_grad()
+def token_nlls(model, records: Sequence[Record], tokenizer, batch_size: int = 16) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Per record: the response tokens' NLLs (a 1-D tensor each) and the record loss ``l(z)`` (n,)."""
+    per_token, losses = [], []
+    for batch in batches(records, tokenizer, batch_size):
+        logits, labels = shifted_logits_and_labels(model, batch)  # (B, T, V), (B, T)
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).clamp(min=0),
+                              reduction="none").view(labels.shape)  # (B, T)
+        mask = labels != IGNORE_INDEX
+        per_token.extend(nll[row][mask[row]].double() for row in range(len(batch)))
+        losses.append(losses_from_logits(logits, labels).double())
+    return per_token, torch.cat(losses) if losses else torch.zeros(0, dtype=torch.float64)
+
+
+def min_k_nll(tokens: torch.Tensor, fraction: float) -> float:
+    """Mean NLL of the ``ceil(fraction * T)`` least likely tokens (Min-K%, as an NLL)."""
+    count = max(1, math.ceil(fraction * tokens.numel()))
+    return float(torch.topk(tokens, count).values.mean())
+
+
+def secret_candidates(record: Record, count: int, seed: int) -> list[Record]:
+    """``count`` copies of the record with every digit of the response re-drawn (seeded by the id)."""
+    rng = random.Random(heldout_score(record.id, seed))
+    candidates, seen = [], {record.response}
+    for _ in range(count * 4):
+        response = DIGIT.sub(lambda _: str(rng.randrange(10)), record.response)
+        if response not in seen:
+            seen.add(response)
+            candidates.append(record.with_response(response))
+        if len(candidates) == count:
+            break
+    return candidates
+
+
+def _log2_normal_upper_exposure(true_total: float, candidate_totals: np.ndarray) -> float:
+    """``-log2 P(X <= true)``, X ~ Normal fitted to candidates' summed NLL (low NLL = likely)."""
+    mu, sigma = float(candidate_totals.mean()), float(candidate_totals.std(ddof=1)) + 1e-6
+    z = (true_total - mu) / sigma
+    tail = 0.5 * math.erfc(-z / math.sqrt(2))  # Phi(z)
+    if tail > 1e-300:
+        return -math.log2(tail)
+    # Asymptotic Mills ratio for far tails: log Phi(z) ~ -z^2/2 - log(-z sqrt(2 pi)).
+    return (z * z / 2 + math.log(-z * math.sqrt(2 * math.pi))) / math.log(2)
+
+
+def _secret_exposure(model, tokenizer, record: Record, config: VerifyConfig) -> tuple[float, int]:
+    candidates = secret_candidates(record, config.secret_candidates, config.seed)
+    population = [record, *candidates]
+    tokens, _ = token_nlls(model, population, tokenizer, config.batch_size)
+    totals = np.array([float(t.sum()) for t in tokens])  # summed response NLL = -log p(response)
+    rank = 1 + int((totals[1:] < totals[0]).sum())
+    return _log2_normal_upper_exposure(totals[0], totals[1:]), rank
+
+
+def _adapter_disabled(model):
+    return model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
+
+
+def record_statistics(model, tokenizer, records: Sequence[Record], config: VerifyConfig,
+                      secrets: bool = True) -> RecordStats:
+    """NLL, Min-K% and (where the response holds a secret-like span) calibrated exposure and rank."""
+    stats = RecordStats(ids=[r.id for r in records])
+    if not records:
+        return stats
+    model.eval()
+    tokens, losses = token_nlls(model, records, tokenizer, config.batch_size)
+    stats.nll = [float(v) for v in losses]
+    stats.min_k = [min_k_nll(t, config.min_k) for t in tokens]
+    for record in records:
+        if not secrets or len(DIGIT.findall(record.response)) < config.min_secret_digits:
+            stats.exposure.append(None)
+            stats.secret_rank.append(None)
+            continue
+        exposure, rank = _secret_exposure(model, tokenizer, record, config)
+        if config.calibrate_exposure:
+            with _adapter_disabled(model):
+                base_exposure, _ = _secret_exposure(model, tokenizer, record, config)
+            exposure -= base_exposure
+        stats.exposure.append(exposure)
+        stats.secret_rank.append(rank)
+    return stats
+
+
+# -- tests --------------------------------------------------------------------------------------
+def mann_whitney_less(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
+    """One-sided Mann-Whitney U test of "x is stochastically smaller than y": ``(p_value, auc)``.
+
+    ``U = #{(i, j): x_i > y_j} + 0.5 #{ties}``; small U means x lies below y. The p-value
+    ``P(U <= U_obs)`` uses the exact null distribution (coefficients of the Gaussian binomial
+    ``[k+m choose k]_q``) when ``k*m <= 20000`` and the normal approximation otherwise.
+    ``auc = 1 - U / (k m)``: the AUC of the attack "lower statistic = member" separating x from y
+    (0.5 = chance, 1 = every x below every y).
+    """
+    x_arr, y_arr = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    k, m = len(x_arr), len(y_arr)
+    if k == 0 or m == 0:
+        raise EraserError("mann_whitney_less needs two non-empty samples")
+    above = (x_arr[:, None] > y_arr[None, :]).sum() + 0.5 * (x_arr[:, None] == y_arr[None, :]).sum()
+    u = float(above)
+    if k * m <= 20000:
+        counts = _u_distribution(k, m)
+        p = sum(counts[: math.floor(u) + 1]) / sum(counts)
+    else:
+        mean, sd = k * m / 2, math.sqrt(k * m * (k + m + 1) / 12)
+        p = 0.5 * math.erfc(-((u + 0.5 - mean) / sd) / math.sqrt(2))
+    return float(min(1.0, p)), 1.0 - u / (k * m)
+
+
+def _u_distribution(k: int, m: int) -> list[int]:
+    """Exact counts of U = 0..k*m over all C(k+m, k) arrangements: prod_{i=1..k} (1-q^{m+i})/(1-q^i)."""
+    size = k * m + 1
+    poly = [0] * size
+    poly[0] = 1
+    for i in range(1, k + 1):
+        shift = m + i
+        for j in range(size - 1, shift - 1, -1):  # multiply by (1 - q^shift)
+            poly[j] -= poly[j - shift]
+        for j in range(i, size):  # divide by (1 - q^i): exact, the quotient is a polynomial
+            poly[j] += poly[j - i]
+    return poly
+
+
+def lognormal_lower_p(values: Sequence[float], reference: Sequence[float]) -> list[float]:
+    """Per value, ``Phi((log v - mu) / sigma)`` with (mu, sigma) fitted to log(reference)."""
+    logs = np.log(np.maximum(np.asarray(reference, dtype=float), 1e-8))
+    mu, sigma = float(logs.mean()), float(logs.std(ddof=1)) if len(logs) > 1 else 1.0
+    sigma = max(sigma, 1e-3)
+    return [0.5 * math.erfc(-((math.log(max(v, 1e-8)) - mu) / sigma) / math.sqrt(2)) for v in values]
+
+
+def verify(
+    model,
+    tokenizer,
+    edits: Sequence[Edit],
+    heldout: Sequence[Record],
+    config: VerifyConfig = VerifyConfig(),
+    retained: Sequence[Record] = (),
+    gold=None,
+) -> VerifyResult:
+    """The membership test of ``model`` for ``edits`` against ``heldout`` (see the module docstring).
+
+    ``retained``: a sample of records still trained on, for the "new pairs learned" level.
+    ``gold``: optionally the adapter retrained without the erased records (benchmarks); its mean NLL
+    on the erased records is reported next to the candidate's (not part of the decision).
+    """
+    touched = {edit.old.id for edit in edits}
+    reference = [r for r in heldout if r.id not in touched]
+    # The membership population: records whose response must be gone. A modify_query record keeps
+    # its response (trained under the new prompt), so only checks 4-5 apply to it.
+    member_edits = [edit for edit in edits if edit.kind != "modify_query"]
+    members = [edit.old for edit in member_edits]
+    erased = record_statistics(model, tokenizer, members, config, secrets=config.secrets)
+    held = record_statistics(model, tokenizer, reference, config, secrets=config.secrets)
+    result = VerifyResult(passed=False, verifiable=True, reason="", erased=erased, heldout=held)
+    if gold is not None and members:
+        result.gold_nll_mean = float(np.mean(record_statistics(gold, tokenizer, members, config, secrets=False).nll))
+    if len(reference) < config.min_reference:
+        result.verifiable = False
+        result.reason = (f"could not verify: {len(reference)} held-out reference record(s), at least "
+                         f"{config.min_reference} needed (train with a held-out split, --heldout-fraction > 0)")
+        return result
+
+    if members:
+        # 1. group test and attack AUC; Min-K% the same way, reported.
+        result.group_p, result.group_auc = mann_whitney_less(erased.nll, held.nll)
+        result.min_k_p, _ = mann_whitney_less(erased.min_k, held.min_k)
+        result.checks["group"] = result.group_p >= config.alpha
+        # 2. per-record lower-tail test, Bonferroni over the k erased records.
+        result.record_p = lognormal_lower_p(erased.nll, held.nll)
+        result.record_p_threshold = config.alpha / len(members)
+        result.checks["per_record"] = min(result.record_p) >= result.record_p_threshold
+        # 2b. ... and a removed record not pushed far above them either (over-forgotten is visible).
+        result.record_p_upper = [1.0 - p for p in result.record_p]
+        removed = [p for p, edit in zip(result.record_p_upper, member_edits) if edit.kind == "remove"]
+        if removed:
+            result.checks["not_overshot"] = min(removed) >= config.overshoot_alpha / len(members)
+    # 3. secret-like spans: no more exposed than max_exposure bits or any never-trained span.
+    exposures = [e for e in erased.exposure if e is not None]
+    if exposures:
+        reference_exposures = [e for e in held.exposure if e is not None]
+        result.exposure_max = max(exposures)
+        result.exposure_threshold = max([config.max_exposure, *reference_exposures])
+        result.checks["exposure"] = result.exposure_max <= result.exposure_threshold
+    # 4-5. replaced records: the old pair not preferred; the new pair learned.
+    replaced = [edit for edit in edits if edit.new is not None]
+    if replaced:
+        _, old_losses = token_nlls(model, [e.old for e in replaced], tokenizer, config.batch_size)
+        _, new_losses = token_nlls(model, [e.new for e in replaced], tokenizer, config.batch_size)
+        new_nll = [float(v) for v in new_losses]
+        result.preference = float((old_losses - new_losses).mean())
+        result.checks["preference"] = result.preference >= -config.preference_margin
+        level = float(np.quantile(held.nll, config.learned_quantile))
+        if retained:
+            _, kept = token_nlls(model, retained, tokenizer, config.batch_size)
+            result.retained_nll_median = float(kept.median())
+            level = max(level, float(np.quantile(kept.numpy(), config.learned_quantile)))
+        result.new_nll_median = float(np.median(new_nll))
+        result.learned_threshold = level
+        result.checks["learned"] = result.new_nll_median <= level
+    failed = [name for name, held_ in result.checks.items() if not held_]
+    result.passed = not failed
+    result.reason = "forgotten: " + _describe(result, config) if not failed else (
+        "still distinguishable (" + ", ".join(failed) + "): " + _describe(result, config))
+    logger.info("membership test %s: %s", "passed" if result.passed else "failed", result.reason)
+    return result
+
+
+def _describe(result: VerifyResult, config: VerifyConfig) -> str:
+    parts = []
+    if result.group_p is not None:
+        parts.append(f"group p={result.group_p:.3g} (>= {config.alpha:g}), AUC {result.group_auc:.2f}")
+        parts.append(f"record p lower={min(result.record_p):.3g} (>= {result.record_p_threshold:.3g}) "
+                     f"upper={min(result.record_p_upper):.3g}")
+    if result.exposure_max is not None:
+        parts.append(f"exposure {result.exposure_max:.1f} bits (<= {result.exposure_threshold:.1f})")
+    if result.preference is not None:
+        parts.append(f"old-new preference {result.preference:+.3f} (>= {-config.preference_margin:g})")
+        parts.append(f"new NLL median {result.new_nll_median:.3f} (<= {result.learned_threshold:.3f})")
+    return "; ".join(parts)
