@@ -68,13 +68,17 @@ def chat_ids(base_dir: Path, question: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+@lru_cache(maxsize=8)
+def _model(base_dir: str, adapter_dir: str | None):
+    model = load_base(base_dir)
+    return load_adapter(model, adapter_dir, trainable=False) if adapter_dir is not None else model
+
+
 @torch.no_grad()
 def hf_greedy(base_dir: Path, adapter_dir: Path | None, prompt_ids: list[int], max_tokens: int) -> str:
     """Greedy completion text by HF transformers + PEFT in float32 (the reference vLLM must equal)."""
     tokenizer = _tokenizer(str(base_dir))
-    model = load_base(base_dir)
-    if adapter_dir is not None:
-        model = load_adapter(model, adapter_dir, trainable=False)
+    model = _model(str(base_dir), str(adapter_dir) if adapter_dir is not None else None)
     ids = torch.tensor([prompt_ids])  # (1, T)
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
                          do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
