@@ -44,7 +44,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--refresh-interval", type=float, help="seconds between HEAD polls per replica (default 5)")
     parser.add_argument("--backend", choices=sorted(BACKENDS), default=None,
                         help="who executes erasures: cluster (coordinator actors, Ray Train), local (in the "
-                        "ingress process), none (record only); default: the config's, else cluster")
+                        "ingress process), none (record only); default: the config's, else cluster on a Ray "
+                        "cluster (--address) and local on the embedded local Ray (whose CPUs the engine holds)")
     parser.set_defaults(handler=run_serve)
 
 
@@ -72,7 +73,8 @@ def config_from_args(args: argparse.Namespace, store: dict[str, Any] | None = No
     if args.backend is not None:
         data["erasure_backend"] = BACKENDS[args.backend]
     elif "erasure_backend" not in data and not os.environ.get("ERASER_SERVE_ERASURE_BACKEND"):
-        data["erasure_backend"] = BACKENDS["cluster"]
+        on_cluster = bool(getattr(args, "address", None) or os.environ.get("RAY_ADDRESS"))
+        data["erasure_backend"] = BACKENDS["cluster" if on_cluster else "local"]
     if store:
         data["store"] = {**store, **(data.get("store") or {})}
     return ServeConfig.from_args(data)

@@ -138,6 +138,7 @@ def test_serve_command_arguments_become_the_config(tmp_path, monkeypatch):
     from cli.serve_cmd import config_from_args, register
 
     monkeypatch.delenv("ERASER_SERVE_ERASURE_BACKEND", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
     (tmp_path / "serve.yaml").write_text("engine:\n  model: from-file\n  max_loras: 2\nrefresh_interval_s: 7\n")
@@ -148,4 +149,6 @@ def test_serve_command_arguments_become_the_config(tmp_path, monkeypatch):
     assert config.refresh_interval_s == 7 and config.store["endpoint"] == "http://127.0.0.1:9"
     assert config.erasure_backend == "serve.backend:local_cluster_backend"
     default = config_from_args(parser.parse_args(["serve", "--model", "m"]))
-    assert default.engine.model == "m" and default.erasure_backend == "serve.backend:cluster_backend"
+    assert default.engine.model == "m" and default.erasure_backend == "serve.backend:local_cluster_backend"
+    remote = config_from_args(parser.parse_args(["serve", "--model", "m", "--address", "10.0.0.1:6379"]))
+    assert remote.erasure_backend == "serve.backend:cluster_backend"
