@@ -25,7 +25,7 @@ SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
 # so /v1/chat/completions and /v1/completions see the same text the adapter was trained on.
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
-    + PROMPT_TEMPLATE.replace("{prompt}", "{{ message['content'] }}").replace("\n", "\\n")
+    + PROMPT_TEMPLATE.replace("{prompt}", "{{ message['content'] }}")
     + "{% endif %}{% endfor %}"
 )
 
@@ -51,7 +51,7 @@ class BaseModelConfig:
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int):
     """A byte-level BPE tokenizer trained on ``texts``, as a ``PreTrainedTokenizerFast``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     core = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
@@ -64,6 +64,11 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
         show_progress=False,
     )
     core.train_from_iterator(texts, trainer=trainer)
+    # Like Llama's tokenizer: encoding with special tokens prepends BOS, so a raw prompt sent to
+    # /v1/completions is tokenised as training saw it (training adds BOS itself, see records.encode).
+    bos = SPECIAL_TOKENS["bos_token"]
+    core.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, core.token_to_id(bos))])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, **SPECIAL_TOKENS)
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
