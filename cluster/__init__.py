@@ -5,7 +5,7 @@ Imports eraser, tenants and ray (never serve). What other layers call:
 """
 
 from cluster.actors import ActorMethodHook, get_coordinator, register_publish_hook, unregister_publish_hook
-from cluster.config import CoordinatorOptions, GuardPolicy, RunnerSpec
+from cluster.config import CoordinatorOptions, RunnerSpec
 from cluster.coordinator import BatchReport, ErasureCoordinator, PublishHook
 from cluster.errors import (
     ClusterError,
@@ -27,7 +27,6 @@ __all__ = [
     "ErasureCoordinator",
     "ErasureJob",
     "ErasureService",
-    "GuardPolicy",
     "GuardRejectedError",
     "JobFailedError",
     "JobResult",

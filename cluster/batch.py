@@ -27,11 +27,12 @@ from typing import Any, Sequence, TextIO
 from pydantic import ValidationError
 
 from eraser.influence import SolveConfig
+from eraser.pipeline import PipelineConfig
 from tenants.errors import TenantError
 from tenants.models import ErasureRequest, Receipt
 from tenants.settings import StoreSettings
 
-from cluster.config import NAMESPACE, CoordinatorOptions, GuardPolicy, RunnerSpec
+from cluster.config import NAMESPACE, CoordinatorOptions, RunnerSpec
 from cluster.errors import ClusterError
 from cluster.service import TERMINAL, ErasureService, LocalErasureService, RayErasureService
 
@@ -240,14 +241,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-wait-purge", action="store_true", help="do not wait out the grace period to purge")
     parser.add_argument("--strict", action="store_true", help="exit 1 when any request is rejected too")
     parser.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
-    defaults = SolveConfig()
+    defaults = PipelineConfig().solve
     parser.add_argument("--solver", choices=("cg", "sgd", "lissa"), default=defaults.solver)
     parser.add_argument("--curvature", choices=("ggn", "hessian"), default=defaults.curvature)
     parser.add_argument("--damping", type=float, default=defaults.damping, help="relative to the top eigenvalue")
     parser.add_argument("--tol", type=float, default=None)
     parser.add_argument("--max-iters", type=int, default=defaults.max_iters)
     parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--require-forgotten", action="store_true", help="publish only if the membership test passes")
+    parser.add_argument("--no-remediate", action="store_true", help="no remediation fine-tune after a failed membership test")
+    parser.add_argument("--no-retrain", action="store_true", help="no exact-retrain fallback (fail instead)")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
 
@@ -260,8 +262,8 @@ def options_from_args(args: argparse.Namespace) -> tuple[RunnerSpec, Coordinator
         runner_fields["max_failures"] = args.max_failures
     solve = SolveConfig(solver=args.solver, curvature=args.curvature, damping=args.damping, tol=args.tol,
                         max_iters=args.max_iters, seed=args.seed)
-    options = CoordinatorOptions(solve=solve, guard=GuardPolicy(require_forgotten=args.require_forgotten),
-                                 purge_grace_seconds=args.purge_grace)
+    pipeline = PipelineConfig(solve=solve, remediate=not args.no_remediate, retrain=not args.no_retrain)
+    options = CoordinatorOptions(pipeline=pipeline, purge_grace_seconds=args.purge_grace)
     return RunnerSpec(**runner_fields), options
 
 

@@ -10,7 +10,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-from eraser.influence import SolveConfig
+from eraser.pipeline import PipelineConfig
 
 from cluster.errors import ClusterError
 
@@ -56,31 +56,11 @@ class RunnerSpec:
 
 
 @dataclass(frozen=True)
-class GuardPolicy:
-    """What a candidate adapter must satisfy to be published (DESIGN.md, flow step 4)."""
-
-    require_converged: bool = True  # the solver reached its residual tolerance
-    retained_loss_ratio: float = 1.25  # retained loss after <= before * ratio + slack
-    retained_loss_slack: float = 0.05  # nats, absolute slack of the bound above
-    verify: bool = True  # run the membership test (eraser.verify) against the held-out split
-    require_forgotten: bool = False  # publish only if the membership test passes (the verified pipeline's job)
-
-    def __post_init__(self) -> None:
-        if self.retained_loss_ratio < 1:
-            raise ClusterError(f"retained_loss_ratio must be >= 1, got {self.retained_loss_ratio!r}")
-        if self.retained_loss_slack < 0:
-            raise ClusterError(f"retained_loss_slack must be >= 0, got {self.retained_loss_slack!r}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
 class CoordinatorOptions:
-    """How a tenant's coordinator batches, solves, guards and purges."""
+    """How a tenant's coordinator batches, erases (the verified pipeline's knobs) and purges."""
 
-    solve: SolveConfig = field(default_factory=SolveConfig)
-    guard: GuardPolicy = field(default_factory=GuardPolicy)
+    # Solver, membership test, remediation, retrain fallback and the guard's retained-loss bound.
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     max_batch: int = 32  # pending requests merged into one solve
     purge_grace_seconds: float | None = None  # None = the store's purge_grace_seconds
     max_head_conflicts: int = 3  # lost HEAD compare-and-swaps before a batch is failed
@@ -92,5 +72,5 @@ class CoordinatorOptions:
             raise ClusterError(f"purge_grace_seconds must be >= 0, got {self.purge_grace_seconds!r}")
 
     def to_dict(self) -> dict:
-        return {"solve": self.solve.to_dict(), "guard": self.guard.to_dict(), "max_batch": self.max_batch,
+        return {"pipeline": self.pipeline.to_dict(), "max_batch": self.max_batch,
                 "purge_grace_seconds": self.purge_grace_seconds}

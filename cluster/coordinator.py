@@ -298,8 +298,8 @@ class ErasureCoordinator:
         job = ErasureJob(
             tenant=self.tenant, store_settings=self.store.settings, adapter_version=head.adapter,
             data_version=head.data, requests=tuple(p.receipt.request.model_dump(mode="json") for p in batch),
-            selections={p.receipt.request_id: tuple(p.edits) for p in batch}, solve=self.options.solve,
-            guard=self.options.guard, job_id=uuid.uuid4().hex[:8], heartbeat_dir=self.heartbeat_dir,
+            selections={p.receipt.request_id: tuple(p.edits) for p in batch}, pipeline=self.options.pipeline,
+            job_id=uuid.uuid4().hex[:8], heartbeat_dir=self.heartbeat_dir,
         )
         head_moved = False
         try:
@@ -350,8 +350,7 @@ class ErasureCoordinator:
         manifest = AdapterManifest(
             parent_version=head.adapter, data_version=data_version, request_ids=ids, solver=body.get("solver"),
             checks=body.get("checks"), path=body.get("path"),
-            arguments={"solve": self.options.solve.to_dict(), "guard": self.options.guard.to_dict(),
-                       "runner": self.runner.describe(), "world_size": body.get("world_size"),
+            arguments={"pipeline": self.options.pipeline.to_dict(), "runner": self.runner.describe(), "world_size": body.get("world_size"),
                        "train_records": body.get("train_records"), "heldout_records": body.get("heldout_records"),
                        "trained_records_affected": body.get("trained_records_affected"), "stages": stages},
         )

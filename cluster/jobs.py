@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from eraser.errors import EraserError
-from eraser.influence import Shard, SolveConfig
+from eraser.influence import Shard
+from eraser.pipeline import PipelineConfig
 from eraser.records import Record as EraserRecord
 from eraser.requests import EditRequest
 from tenants.errors import TenantError
@@ -28,7 +29,6 @@ from tenants.models import ErasureRequest, Record, TenantConfig
 from tenants.settings import StoreSettings
 from tenants.store import TenantStore
 
-from cluster.config import GuardPolicy
 from cluster.errors import ClusterError, GuardRejectedError
 
 logger = logging.getLogger(__name__)
@@ -51,8 +51,7 @@ class ErasureJob:
     data_version: str
     requests: tuple[dict, ...]  # ErasureRequest JSON, in batch order
     selections: dict[str, tuple[str, ...]]  # request id -> the record ids it edits (resolved, deduplicated)
-    solve: SolveConfig = field(default_factory=SolveConfig)
-    guard: GuardPolicy = field(default_factory=GuardPolicy)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     job_id: str = ""
     heartbeat_dir: str | None = None  # each worker writes rank-<r>.json here (progress, pid): monitoring, tests
 
@@ -131,15 +130,13 @@ def to_eraser_records(records: Sequence[Record]) -> list[EraserRecord]:
 
 
 def edit_requests(job: ErasureJob, train_ids: set[str]) -> tuple[list[EditRequest], dict[str, list[str]]]:
-    """The method's requests for the records the adapter trained on (held-out ones need no update).
-
-    Returns the EditRequests (by explicit ids) and, per request id, the trained record ids it edits.
-    """
+    """The method's requests (by explicit record ids, held-out ones included: the pipeline leaves them
+    out of the update and of the reference population) and, per request id, the trained ids it edits."""
     result, trained = [], {}
     for body in job.requests:
         request = ErasureRequest.model_validate(body)
-        ids = [i for i in job.selections.get(request.request_id, ()) if i in train_ids]
-        trained[request.request_id] = ids
+        ids = list(job.selections.get(request.request_id, ()))
+        trained[request.request_id] = [i for i in ids if i in train_ids]
         if not ids:
             continue
         replacements = None
@@ -227,15 +224,18 @@ def execute_erasure(job: ErasureJob, shard: Shard, out_dir: Path | None,
         progress = lambda iteration, residual: beat("solve", iteration=iteration, residual=residual)  # noqa: E731
         beat("solve", iteration=0)
         try:
-            outcome = verify_and_guard(model, tokenizer, train, heldout, requests, job.solve, job.guard,
-                                       shard=shard, progress=progress, is_root=out_dir is not None)
+            outcome = verify_and_guard(model, tokenizer, train, heldout, requests, job.pipeline,
+                                       recipe=train_config(config), shard=shard, progress=progress,
+                                       is_root=out_dir is not None)
         except GuardRejectedError as error:
             body.update(status="failed", error=str(error), error_type=type(error).__name__, checks=error.checks)
         except (EraserError, TenantError, ClusterError) as error:
             body.update(status="failed", error=str(error), error_type=type(error).__name__)
         else:
-            body.update(status="ok", path=outcome.path, solver=outcome.solver, checks=outcome.checks)
-            stages.update({("erase_s" if name == "total_s" else name): value for name, value in outcome.stages.items()})
+            body.update(status="ok")
+            if outcome is not None:  # root rank: the evidence
+                body.update(path=outcome.path, solver=outcome.solver, checks=outcome.checks)
+                stages.update({("erase_s" if k == "total_s" else k): v for k, v in outcome.stages.items()})
         beat("save", status=body["status"])
         stages["job_s"] = time.perf_counter() - started
         body["stages"] = stages

@@ -7,7 +7,7 @@ import uuid
 import pytest
 import torch
 
-from tests.cluster.helpers import SOLVE, build_base, create_tenant, tenant_records
+from tests.cluster.helpers import PIPELINE, build_base, create_tenant, tenant_records
 
 
 @pytest.fixture(autouse=True)
@@ -44,7 +44,7 @@ def onboard_local(settings, tiny_base, tenants=("acme",)):
 
     store = TenantStore(settings)
     records = {}
-    service = LocalErasureService(settings, options=CoordinatorOptions(solve=SOLVE, purge_grace_seconds=0))
+    service = LocalErasureService(settings, options=CoordinatorOptions(pipeline=PIPELINE, purge_grace_seconds=0))
     for tenant in tenants:
         records[tenant] = tenant_records(tenant, seed=len(records))
         create_tenant(store, tenant, tiny_base, records[tenant])

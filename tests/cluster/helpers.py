@@ -6,11 +6,13 @@ from pathlib import Path
 
 from cli.synthetic import customer_records
 from eraser.influence import SolveConfig
+from eraser.pipeline import PipelineConfig
 from tenants.models import LoraRecipe, Record, TenantConfig, TrainingRecipe
 
 BASE_NAME = "tiny-llama"
 # Small enough for a 2-core machine, head_dim 32 (vLLM's smallest), CG converges in ~20 iterations.
 SOLVE = SolveConfig(solver="cg", curvature="ggn", damping=0.1, tol=1e-3, max_iters=100, power_iters=10)
+PIPELINE = PipelineConfig(solve=SOLVE)
 
 
 def tenant_records(tenant: str, customers: int = 10, per_customer: int = 4, seed: int = 0) -> list[Record]:

@@ -35,6 +35,7 @@ def main() -> None:
     from cluster import CoordinatorOptions, LocalErasureService, LocalJobRunner, RayTrainJobRunner, RunnerSpec
     from cluster.jobs import ErasureJob
     from eraser.influence import SolveConfig
+    from eraser.pipeline import PipelineConfig
     from eraser.model import BaseModelConfig, build_base_model, save_base_model, train_tokenizer
     from eraser.records import format_prompt, format_response
     from tenants.embedded import EmbeddedS3
@@ -71,7 +72,7 @@ def main() -> None:
             job = ErasureJob(tenant="acme", store_settings=settings, adapter_version=head_version.adapter,
                              data_version=head_version.data, requests=(request,),
                              selections={"m-1": tuple(r.id for r in records if r.subject == subject)},
-                             solve=SolveConfig(damping=0.1, tol=1e-3, max_iters=100, power_iters=10),
+                             pipeline=PipelineConfig(solve=SolveConfig(damping=0.1, tol=1e-3, max_iters=100, power_iters=10)),
                              job_id=uuid.uuid4().hex[:6])
             runs = []
             for repeat in range(args.repeats):
@@ -82,7 +83,7 @@ def main() -> None:
                         assert result.ok, result.error
                         runs.append({"workers": workers, "repeat": repeat, "wall_s": round(wall, 2),
                                      **{k: round(v, 2) for k, v in result.body["stages"].items()},
-                                     "iterations": result.body["solver"]["iterations"]})
+                                     "iterations": result.body["solver"].get("iterations")})
                         print(json.dumps(runs[-1]), flush=True)
             started = time.perf_counter()
             with LocalJobRunner().run_erasure_job(job) as result:

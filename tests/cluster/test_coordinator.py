@@ -7,14 +7,14 @@ from dataclasses import replace
 
 import pytest
 
-from cluster import CoordinatorOptions, ErasureCoordinator, GuardPolicy, JobRunner, LocalErasureService, LocalJobRunner
+from cluster import CoordinatorOptions, ErasureCoordinator, JobRunner, LocalErasureService, LocalJobRunner
 from eraser.verify import split_heldout
 from tenants.models import ReceiptStatus
 from tenants.store import TenantStore
 from tests.cluster.conftest import onboard_local
-from tests.cluster.helpers import SOLVE, remove_subject
+from tests.cluster.helpers import PIPELINE, SOLVE, remove_subject
 
-OPTIONS = CoordinatorOptions(solve=SOLVE, purge_grace_seconds=0)
+OPTIONS = CoordinatorOptions(pipeline=PIPELINE, purge_grace_seconds=0)
 
 
 class Crash(BaseException):
@@ -71,8 +71,10 @@ def test_erasure_publishes_versions_moves_head_purges_and_completes_the_receipt(
     assert (receipt.old_adapter_version, receipt.new_adapter_version) == ("v000001", "v000002")
     assert (receipt.old_data_version, receipt.new_data_version) == ("d000001", "d000002")
     assert sorted(receipt.records_affected) == sorted(erased)
-    assert receipt.path == "influence" and receipt.solver["converged"] and "membership" in receipt.checks
-    assert {"queued_s", "load_s", "solve_s", "publish_s", "total_s"} <= set(receipt.stages)
+    assert receipt.path == "influence" and receipt.solver["converged"]
+    assert receipt.checks["verification"]["after"]["passed"] and receipt.checks["guard"]["passed"]
+    assert receipt.checks["retained"]["after"] <= receipt.checks["retained"]["bound"]
+    assert {"queued_s", "load_s", "influence_s", "verify_s", "publish_s", "total_s"} <= set(receipt.stages)
     assert {(p.kind, p.version) for p in receipt.purged} == {("adapter", "v000001"), ("data", "d000001")}
     assert receipt.published_at is not None and receipt.replicas_switched_at is not None
     assert calls == [("acme", "v000002")]
@@ -96,14 +98,16 @@ def test_invalid_requests_are_rejected_with_the_reason_and_nothing_is_published(
 def test_a_candidate_the_guard_refuses_is_not_published_and_the_receipt_says_why(grace0_settings, tiny_base):
     store, records = onboard_local(grace0_settings, tiny_base)
     unconverged = replace(SOLVE, max_iters=1, tol=1e-9, require_converged=False)
-    core = coordinator(store, options=CoordinatorOptions(solve=unconverged, guard=GuardPolicy(), purge_grace_seconds=0))
+    pipeline = replace(PIPELINE, solve=unconverged, remediate=False, retrain=False)
+    core = coordinator(store, options=CoordinatorOptions(pipeline=pipeline, purge_grace_seconds=0))
     core.submit({"request_id": "req-1", "tenant": "acme", "kind": "remove", "subjects": [trained_subject(records["acme"])]})
 
     assert [r.status for r in core.run_until_idle()] == ["failed"]
 
     receipt = store.get_receipt("acme", "req-1")
-    assert receipt.status == ReceiptStatus.failed and "solver not converged" in receipt.error
-    assert receipt.checks["guard"]["passed"] is False and receipt.new_adapter_version is None
+    assert receipt.status == ReceiptStatus.failed and "converged" in receipt.error
+    assert receipt.checks["guard"]["converged"] is False and receipt.checks["guard"]["passed"] is False
+    assert receipt.new_adapter_version is None
     assert store.get_head("acme")[0].adapter == "v000001"
     assert store.list_adapter_versions("acme") == ["v000001"] and store.list_data_versions("acme") == ["d000001"]
 

@@ -22,12 +22,12 @@ from cluster.actors import stop_coordinator
 from cluster.jobs import ErasureJob
 from tenants.models import ReceiptStatus
 from tests.cluster.conftest import onboard_local
-from tests.cluster.helpers import SOLVE, create_tenant, remove_subject, tenant_records
+from tests.cluster.helpers import PIPELINE, SOLVE, create_tenant, remove_subject, tenant_records
 from tests.cluster.ray_head import RAY
 from tests.tolerances import DISTRIBUTED, assert_close
 
 pytestmark = pytest.mark.slow
-OPTIONS = CoordinatorOptions(solve=SOLVE, purge_grace_seconds=0)
+OPTIONS = CoordinatorOptions(pipeline=PIPELINE, purge_grace_seconds=0)
 
 
 def lora_vector(adapter_dir: Path) -> torch.Tensor:
@@ -37,12 +37,12 @@ def lora_vector(adapter_dir: Path) -> torch.Tensor:
     return torch.cat([weights[name].reshape(-1).double() for name in sorted(weights)])
 
 
-def erasure_job(store, records, request_id="req-1", solve=SOLVE, heartbeat_dir=None) -> ErasureJob:
+def erasure_job(store, records, request_id="req-1", pipeline=PIPELINE, heartbeat_dir=None) -> ErasureJob:
     head, _ = store.get_head("acme")
     request = remove_subject("acme", request_id, records, 1)
     selected = tuple(r.id for r in records if r.subject == request["subjects"][0])
     return ErasureJob(tenant="acme", store_settings=store.settings, adapter_version=head.adapter,
-                      data_version=head.data, requests=(request,), selections={request_id: selected}, solve=solve,
+                      data_version=head.data, requests=(request,), selections={request_id: selected}, pipeline=pipeline,
                       job_id=uuid.uuid4().hex[:6], heartbeat_dir=heartbeat_dir)
 
 
@@ -67,7 +67,7 @@ def test_one_and_two_ray_train_workers_give_the_same_update(ray_cluster, grace0_
     with capsys.disabled():
         for workers, (wall, stages) in seconds.items():
             print(f"\n[measure] erasure with {workers} Ray Train worker(s): {wall:.1f}s end to end, "
-                  f"job {stages['job_s']:.2f}s, solve {stages['solve_s']:.2f}s, load {stages['load_s']:.2f}s")
+                  f"job {stages['job_s']:.2f}s, influence {stages['influence_s']:.2f}s, load {stages['load_s']:.2f}s")
 
 
 class SwitchBoard:
@@ -125,7 +125,8 @@ def test_a_worker_killed_mid_solve_fails_the_job_cleanly_and_publishes_nothing(r
     beats = tmp_path / "heartbeats"
     endless = replace(SOLVE, tol=1e-9, max_iters=2000)  # long enough to be caught in the middle
     service = RayErasureService(grace0_settings, RunnerSpec(num_workers=2, max_failures=0),
-                                replace(OPTIONS, solve=endless), namespace=namespace, heartbeat_dir=str(beats))
+                                replace(OPTIONS, pipeline=replace(PIPELINE, solve=endless)), namespace=namespace,
+                                heartbeat_dir=str(beats))
     killed: dict = {}
 
     def kill_rank_1_mid_solve() -> None:
