@@ -7,9 +7,10 @@ object is built, so a Ray job's ``runtime_env`` sets them for every process it s
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
+from eraser.influence import SolveConfig
 from eraser.pipeline import PipelineConfig
 
 from cluster.errors import ClusterError
@@ -64,8 +65,11 @@ class CoordinatorOptions:
     max_batch: int = 32  # pending requests merged into one solve
     purge_grace_seconds: float | None = None  # None = the store's purge_grace_seconds
     max_head_conflicts: int = 3  # lost HEAD compare-and-swaps before a batch is failed
+    solve: SolveConfig | None = None  # shorthand: replaces pipeline.solve when given
 
     def __post_init__(self) -> None:
+        if self.solve is not None:
+            object.__setattr__(self, "pipeline", replace(self.pipeline, solve=self.solve))
         if self.max_batch < 1:
             raise ClusterError(f"max_batch must be >= 1, got {self.max_batch!r}")
         if self.purge_grace_seconds is not None and self.purge_grace_seconds < 0:
