@@ -124,7 +124,7 @@ class RayHead:
                     grew = True
         return sorted(tree)
 
-    def stop(self, grace: float = 10.0) -> None:
+    def stop(self, grace: float = 5.0) -> None:
         pids = self.processes()
         for pid in pids:
             _signal(pid, signal.SIGTERM)
