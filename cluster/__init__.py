@@ -8,6 +8,7 @@ from cluster.actors import ActorMethodHook, get_coordinator, register_publish_ho
 from cluster.config import CoordinatorOptions, RunnerSpec
 from cluster.coordinator import BatchReport, ErasureCoordinator, PublishHook
 from cluster.errors import (
+    AlreadyOnboardedError,
     ClusterError,
     CoordinatorMismatchError,
     GuardRejectedError,
@@ -20,6 +21,7 @@ from cluster.service import ErasureService, LocalErasureService, RayErasureServi
 
 __all__ = [
     "ActorMethodHook",
+    "AlreadyOnboardedError",
     "BatchReport",
     "ClusterError",
     "CoordinatorMismatchError",

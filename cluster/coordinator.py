@@ -32,7 +32,7 @@ from tenants.models import AdapterManifest, ErasureRequest, Head, Receipt, Recei
 from tenants.store import TenantStore
 
 from cluster.config import CoordinatorOptions
-from cluster.errors import ClusterError, NotOnboardedError
+from cluster.errors import AlreadyOnboardedError, ClusterError, NotOnboardedError
 from cluster.jobs import ErasureJob, JobResult, TrainingJob
 from cluster.runners import JobRunner
 
@@ -127,7 +127,7 @@ class ErasureCoordinator:
         with self._lock:
             head, _ = self.store.get_head(self.tenant)
             if head is not None:
-                raise NotOnboardedError(f"tenant {self.tenant!r} already has HEAD (adapter {head.adapter}); "
+                raise AlreadyOnboardedError(f"tenant {self.tenant!r} already has HEAD (adapter {head.adapter}); "
                                         "erasures, not training, change it from here")
             if data_version is None:
                 versions = self.store.list_data_versions(self.tenant)

@@ -21,7 +21,11 @@ class GuardRejectedError(ClusterError):
 
 
 class NotOnboardedError(ClusterError, LookupError):
-    """A tenant without a live adapter (HEAD not set) was asked to erase, or one with HEAD to onboard."""
+    """A tenant without a live adapter (HEAD not set) or without records to train one on."""
+
+
+class AlreadyOnboardedError(ClusterError):
+    """Onboarding asked for a tenant that already has HEAD: from then on only erasures change it."""
 
 
 class CoordinatorMismatchError(ClusterError):
