@@ -236,37 +236,26 @@ def run_demo(config: DemoConfig, on_stage: Callable[[str], None] | None = None) 
         stack.callback(s3.stop)
         settings = s3.settings(bucket="eraser-demo", cache_dir=config.workdir / "cache", purge_grace_seconds=0)
         os.environ.update({"ERASER_S3_ENDPOINT": settings.endpoint, "ERASER_S3_BUCKET": settings.bucket})
+        # The base model and tenants come first, before Ray and vLLM take the CPUs.
+        base_dir, keys, records = _create_tenants(config, settings, report)
         ray.init(address="local", num_cpus=config.ray_cpus, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}})
         stack.callback(ray.shutdown)
         stack.callback(serve.shutdown)
-        _run_steps(config, settings, report)
+        _run_steps(config, settings, report, base_dir, keys, records)
     finally:
         stack.close()
     (config.workdir / "demo-report.json").write_text(json.dumps(report.to_dict(), indent=2, default=str))
     return report
 
 
-def _run_steps(config: DemoConfig, settings, report: DemoReport) -> None:
-    import httpx
-    import openai
-    from ray import serve
-
-    from cluster.jobs import train_config
-    from cluster.service import RayErasureService
-    from eraser.model import load_adapter, load_base, load_tokenizer
-    from eraser.records import Record, per_record_losses
-    from eraser.training import add_lora, train_lora
-    from eraser.verify import split_heldout
-    from serve.app import build_app
-    from serve.config import ServeConfig
+def _create_tenants(config: DemoConfig, settings, report: DemoReport) -> tuple[Path, dict, dict]:
     from tenants.models import LoraRecipe, TenantConfig, TrainingRecipe
     from tenants.store import TenantStore
 
     store = TenantStore(settings)
     store.ensure_bucket()
     records = tenant_records(config)
-
     with stage("1. base model and three tenants with customer records"):
         base_dir = config.workdir / "base"
         base_info = build_base(config, records, base_dir)
@@ -282,7 +271,27 @@ def _run_steps(config: DemoConfig, settings, report: DemoReport) -> None:
             store.put_dataset(tenant, [asdict(r) for r in rows])
             say(f"   tenant {tenant}: {len(rows)} records about {config.customers_per_tenant} customers")
         report.add("base model and tenants created", True, base=base_info, tenants=list(records))
+    return base_dir, keys, records
 
+
+def _run_steps(config: DemoConfig, settings, report: DemoReport, base_dir: Path, keys: dict, records: dict) -> None:
+    import shutil
+
+    import httpx
+    import openai
+    from ray import serve
+
+    from cluster.jobs import train_config
+    from cluster.service import RayErasureService
+    from eraser.model import load_adapter, load_base, load_tokenizer
+    from eraser.records import Record, per_record_losses
+    from eraser.training import add_lora, train_lora
+    from eraser.verify import split_heldout
+    from serve.app import build_app
+    from serve.config import ServeConfig
+    from tenants.store import TenantStore
+
+    store = TenantStore(settings)
     service = RayErasureService(settings)
     with stage("2. train each tenant's adapter (Ray Train) and start the service"):
         train_times = {}
@@ -342,6 +351,8 @@ def _run_steps(config: DemoConfig, settings, report: DemoReport) -> None:
     before_others = {r.prompt: ask(clients[tenant_a], tenant_a, r.prompt) for r in others_a}
     before_target = {r.prompt: ask(clients[tenant_a], tenant_a, r.prompt) for r in erased}
     head_before, _ = store.get_head(tenant_a)
+    original_dir = config.workdir / f"{tenant_a}-{head_before.adapter}-before-erasure"
+    shutil.copytree(store.download_adapter(tenant_a, head_before.adapter), original_dir)
 
     with stage(f"4. erase customer {target!r} over HTTP while a client keeps querying every tenant"):
         request_id = f"dsr-{int(time.time())}"
@@ -382,6 +393,8 @@ def _run_steps(config: DemoConfig, settings, report: DemoReport) -> None:
         report.add("other tenants answer exactly as before", all(v == len(probes[t]) for t, v in others_same.items()),
                    unchanged=others_same)
 
+    purged = head_before.adapter not in store.list_adapter_versions(tenant_a)
+    serve.shutdown()  # the comparison below needs the CPUs the engine holds
     with stage(f"6. compare with an adapter retrained from scratch without {target!r}"):
         recipe = train_config(tenant_config)
         started = time.perf_counter()
@@ -389,7 +402,7 @@ def _run_steps(config: DemoConfig, settings, report: DemoReport) -> None:
         train_lora(gold, tokenizer, [r for r in train_a if r.subject != target], recipe)
         retrain_s = time.perf_counter() - started
         head_after, _ = store.get_head(tenant_a)
-        original = load_adapter(load_base(base_dir), store.download_adapter(tenant_a, head_before.adapter))
+        original = load_adapter(load_base(base_dir), original_dir)
         erased_model = load_adapter(load_base(base_dir), store.download_adapter(tenant_a, head_after.adapter))
         nll = {name: float(per_record_losses(model, erased, tokenizer).mean())
                for name, model in (("before", original), ("after", erased_model), ("gold", gold))}
@@ -401,7 +414,7 @@ def _run_steps(config: DemoConfig, settings, report: DemoReport) -> None:
             "nll_erased_before": nll["before"], "nll_erased_after": nll["after"], "nll_erased_gold": nll["gold"],
             "nll_heldout_after": heldout_nll, "served_during_switch": load.ok, "failed_during_switch": load.failed,
             "adapter_before": head_before.adapter, "adapter_after": head_after.adapter,
-            "replicas_switched_at": receipt.get("replicas_switched_at"),
+            "replicas_switched_at": receipt.get("replicas_switched_at"), "old_version_purged_from_s3": purged,
         }
         report.add("erased adapter compared with the retrained gold", True, **report.summary)
     print_summary(report.summary, config, settings)
@@ -417,7 +430,8 @@ def print_summary(summary: dict, config: DemoConfig, settings) -> None:
          f"{summary['nll_erased_before']:.3f} / {summary['nll_erased_after']:.3f} / {summary['nll_erased_gold']:.3f}"),
         ("NLL of never-trained (held-out) records", f"{summary['nll_heldout_after']:.3f}"),
         ("requests served during the switch", f"{summary['served_during_switch']} ({summary['failed_during_switch']} failed)"),
-        ("adapter versions", f"{summary['adapter_before']} -> {summary['adapter_after']}"),
+        ("adapter versions", f"{summary['adapter_before']} -> {summary['adapter_after']} "
+                             f"({'old one purged from S3' if summary['old_version_purged_from_s3'] else 'old one kept'})"),
     ]
     width = max(len(name) for name, _ in rows)
     say("\n== summary")
