@@ -394,6 +394,7 @@ def _run_steps(config: DemoConfig, settings, report: DemoReport, base_dir: Path,
                    unchanged=others_same)
 
     purged = head_before.adapter not in store.list_adapter_versions(tenant_a)
+    receipt = store.get_receipt(tenant_a, request_id).model_dump(mode="json")  # with the switch time and purge log
     serve.shutdown()  # the comparison below needs the CPUs the engine holds
     with stage(f"6. compare with an adapter retrained from scratch without {target!r}"):
         recipe = train_config(tenant_config)
