@@ -10,9 +10,9 @@ from pathlib import Path
 
 
 def add_solver_arguments(parser: argparse.ArgumentParser) -> None:
-    from eraser.influence import SolveConfig
+    from eraser.pipeline import PipelineConfig
 
-    defaults = SolveConfig()
+    defaults = PipelineConfig().solve  # the verified pipeline's measured defaults
     parser.add_argument("--solver", choices=("cg", "sgd", "lissa"), default=defaults.solver,
                         help=f"inverse-HVP solver (default {defaults.solver})")
     parser.add_argument("--curvature", choices=("ggn", "hessian"), default=defaults.curvature,
@@ -39,17 +39,34 @@ def solve_config_from_args(args: argparse.Namespace):
 def register(subparsers) -> None:
     erase = subparsers.add_parser(
         "erase",
-        help="erase/correct records from an adapter (influence update), offline",
+        help="erase/correct records from an adapter (verified influence update), offline",
         description="Compute the adapter that training without (or with corrected) records would have "
-        "produced, by the LLMEraser influence update theta + (H + lambda I)^-1 b, and write it with "
-        "eraser.json. Nothing is written when the request is invalid or the solve fails.",
+        "produced, by the LLMEraser influence update theta + (H + lambda I)^-1 b, then verify it: a "
+        "membership test compares the erased records under the new adapter with the held-out split of "
+        "--data (records the adapter never trained on; `eraser train` sets them aside, --heldout-fraction). "
+        "If the update alone does not pass, a bounded remediation fine-tune runs, then an exact retrain. "
+        "The summary and eraser.json say which path produced the adapter and with what evidence. "
+        "Nothing is written when the request is invalid or no adapter passes.",
     )
     erase.add_argument("--base", required=True, type=Path, help="base model directory (HF format)")
     erase.add_argument("--adapter", required=True, type=Path, help="the adapter to update (PEFT directory)")
-    erase.add_argument("--data", required=True, type=Path, help="the adapter's training records (.jsonl)")
+    erase.add_argument("--data", required=True, type=Path,
+                       help="the tenant's records (.jsonl): the adapter's training split plus its held-out split")
     erase.add_argument("--request", required=True, type=Path,
                        help="erasure request JSON (one object, or a list of them applied together)")
     erase.add_argument("--out", required=True, type=Path, help="new adapter directory (must not exist)")
+    erase.add_argument("--heldout-fraction", type=float, default=None,
+                       help="held-out fraction of --data the adapter was trained without (default: the value "
+                       "`eraser train` recorded in the adapter's eraser.json; none recorded means 0)")
+    erase.add_argument("--heldout-seed", type=int, default=None,
+                       help="seed of the held-out split (default: recorded in eraser.json, else 0)")
+    erase.add_argument("--no-remediation", action="store_true", help="skip the remediation fine-tune")
+    erase.add_argument("--no-retrain", action="store_true", help="never fall back to an exact retrain")
+    erase.add_argument("--allow-unverified", action="store_true",
+                       help="without a held-out reference, write the influence update marked unverified "
+                       "(default: refuse)")
+    erase.add_argument("--no-verify", action="store_true",
+                       help="influence update only, no membership test (expert use; eraser.json says so)")
     add_solver_arguments(erase)
     erase.set_defaults(handler=run_erase)
 
@@ -63,24 +80,85 @@ def read_requests(path: Path):
     return [EditRequest.from_json(obj) for obj in (body if isinstance(body, list) else [body])]
 
 
+def heldout_split(args: argparse.Namespace, records, parent: dict):
+    """``(train, heldout, info)``: the split the adapter was trained with (eraser.json or the flags)."""
+    from eraser.verify import split_heldout
+
+    recorded = parent.get("heldout") or {}
+    fraction = args.heldout_fraction if args.heldout_fraction is not None else recorded.get("fraction", 0.0)
+    seed = args.heldout_seed if args.heldout_seed is not None else recorded.get("seed", 0)
+    train, heldout = split_heldout(records, fraction, seed)
+    return train, heldout, {"fraction": fraction, "seed": seed, "count": len(heldout)}
+
+
+def recipe_from_manifest(parent: dict):
+    from eraser.training import TrainConfig
+
+    recipe = parent.get("recipe")
+    if not recipe:
+        return None
+    return TrainConfig(**{**recipe, "target_modules": tuple(recipe.get("target_modules", TrainConfig().target_modules))})
+
+
 def run_erase(args: argparse.Namespace) -> int:
     from cli.main import CommandError
     from cli.progress import residual_bar
-    from eraser.erase import erase
     from eraser.model import load_adapter, load_base, load_tokenizer
+    from eraser.pipeline import PipelineConfig, verified_erase
     from eraser.records import load_records
-    from eraser.update import read_manifest, save_adapter
+    from eraser.update import read_manifest
 
     if args.out.exists() and any(args.out.iterdir()):
         raise CommandError(f"--out {args.out} exists and is not empty; adapter versions are immutable")
     config = solve_config_from_args(args)
     requests = read_requests(args.request)
-    records = load_records(args.data)
+    parent = read_manifest(args.adapter)
+    train, heldout, heldout_info = heldout_split(args, load_records(args.data), parent)
     tokenizer = load_tokenizer(args.base)
     model = load_adapter(load_base(args.base), args.adapter)
+    if args.no_verify:
+        return run_influence_only(args, model, tokenizer, train, heldout, requests, config, parent, heldout_info)
+    pipeline = PipelineConfig(solve=config, remediate=not args.no_remediation, retrain=not args.no_retrain,
+                              require_verification=not args.allow_unverified)
     with residual_bar(f"{config.solver} solve", total=config.max_iters) as bar:
-        result = erase(model, tokenizer, records, requests, config, progress=bar)
-    parent = read_manifest(args.adapter)
+        outcome = verified_erase(model, tokenizer, train, requests, heldout, recipe=recipe_from_manifest(parent),
+                                 config=pipeline, base_factory=lambda: load_base(args.base), progress=bar)
+    summary = outcome.summary()
+    manifest = {
+        "version": None,
+        "parent_version": parent.get("version"),
+        "request_ids": [r.request_id for r in requests],
+        "records_affected": outcome.records_affected,
+        "path": outcome.path,
+        "verified": outcome.verified,
+        "solver": ({**outcome.solver.to_dict(), "config": config.to_dict()} if outcome.solver
+                   else {"converged": False, "skipped": "no influence update applied", "attempts": outcome.attempts}),
+        "checks": outcome.checks,
+        "verification": summary["verification"],
+        "retained": summary["retained"],
+        "remediation": summary["remediation"],
+        "retrain": summary["retrain"],
+        "guard": outcome.guard,
+        "heldout": {**heldout_info, "affected": outcome.heldout_affected},
+        "stages": outcome.stages,
+        "pipeline": pipeline.to_dict(),
+    }
+    if parent.get("recipe"):
+        manifest["recipe"] = parent["recipe"]
+    write_adapter(model, args.out, manifest)
+    print_outcome(outcome, args.out)
+    return 0
+
+
+def run_influence_only(args, model, tokenizer, train, heldout, requests, config, parent, heldout_info) -> int:
+    """``--no-verify``: the bare influence update (no membership test), marked unverified."""
+    from cli.progress import residual_bar
+    from eraser.erase import erase
+    from eraser.pipeline import restrict_requests
+
+    requests_train, touched = restrict_requests(requests, train, heldout)
+    with residual_bar(f"{config.solver} solve", total=config.max_iters) as bar:
+        result = erase(model, tokenizer, train, requests_train, config, progress=bar)
     manifest = {
         "version": None,
         "parent_version": parent.get("version"),
@@ -90,15 +168,73 @@ def run_erase(args: argparse.Namespace) -> int:
         "checks": result.checks,
         "stages": result.stages,
         "path": "influence",
+        "verified": False,
+        "verification": "skipped (--no-verify)",
+        "heldout": {**heldout_info, "affected": touched},
     }
-    with tempfile.TemporaryDirectory(dir=args.out.parent if args.out.parent.exists() else None) as staging:
-        save_adapter(model, Path(staging) / "adapter", manifest)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        if args.out.exists():
-            args.out.rmdir()
-        shutil.move(str(Path(staging) / "adapter"), str(args.out))
+    if parent.get("recipe"):
+        manifest["recipe"] = parent["recipe"]
+    write_adapter(model, args.out, manifest)
     print_summary(result, args.out)
+    print("verified    NO (--no-verify): no membership test was run")
     return 0
+
+
+def write_adapter(model, out: Path, manifest: dict) -> None:
+    """Stage the adapter next to ``out`` and move it into place only when complete."""
+    from eraser.update import save_adapter
+
+    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as staging:
+        save_adapter(model, Path(staging) / "adapter", manifest)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.exists():
+            out.rmdir()
+        shutil.move(str(Path(staging) / "adapter"), str(out))
+
+
+def _test_line(result) -> str:
+    if result is None:
+        return "-"
+    if not result.verifiable:
+        return f"NOT VERIFIABLE: {result.reason}"
+    return ("passed" if result.passed else "FAILED") + f": {result.reason}"
+
+
+def print_outcome(outcome, out: Path) -> None:
+    """The receipt's summary: path, test statistics before/after, retained before/after, time per stage."""
+    verified = "verified" if outcome.verified else "UNVERIFIED: no held-out reference"
+    print(f"path        {outcome.path} ({verified})")
+    extra = f", {len(outcome.heldout_affected)} held-out record(s) named (never trained on)" if outcome.heldout_affected else ""
+    print(f"records     {len(outcome.edits)} affected{extra}")
+    print(f"test before {_test_line(outcome.verification_before)}")
+    if outcome.path != "influence":
+        print(f"test infl.  {_test_line(outcome.verification_influence)}")
+    print(f"test after  {_test_line(outcome.verification)}")
+    if outcome.retained_after is not None:
+        print(f"retained    NLL {outcome.retained_before:.4f} -> {outcome.retained_after:.4f} "
+              f"(bound {outcome.retained_bound:.4f})")
+    checks = outcome.checks
+    if "affected_loss_before" in checks:
+        print(f"affected    loss {checks['affected_loss_before']:.4f} -> {checks['affected_loss_after']:.4f}")
+    if "replacement_loss_before" in checks:
+        print(f"replacement loss {checks['replacement_loss_before']:.4f} -> {checks['replacement_loss_after']:.4f}")
+    report = outcome.solver
+    if report is not None:
+        relative = f" ({outcome.damping:g} x top eigenvalue)" if outcome.damping is not None else ""
+        print(f"solver      {report.solver} ({report.extra.get('curvature')}), {report.iterations} iterations, "
+              f"residual {report.relative_residual:.2e} (tol {report.tol:g}), damping {report.damping:.3g}{relative}")
+    for attempt in outcome.attempts:
+        if attempt["outcome"] != "ok":
+            print(f"            damping {attempt['damping']:g}: {attempt['outcome']}")
+    if outcome.remediation is not None:
+        r = outcome.remediation
+        print(f"remediation {r.steps} steps, {r.wall_time_s:.1f}s, {'passed' if r.passed else 'failed'} ({r.stopped_by})")
+    if outcome.retrain is not None:
+        print(f"retrain     {outcome.retrain.steps} steps, final loss {outcome.retrain.final_loss:.4f}, "
+              f"{outcome.retrain.wall_time_s:.1f}s")
+    stages = ", ".join(f"{name[:-2]} {seconds:.1f}s" for name, seconds in outcome.stages.items())
+    print(f"stages      {stages}")
+    print(f"written     {out}")
 
 
 def print_summary(result, out: Path) -> None:

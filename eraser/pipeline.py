@@ -28,8 +28,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from eraser.curvature import lora_parameters
-from eraser.erase import EraseResult, erase, retained_sample
+from eraser.curvature import lora_parameters, unflatten
+from eraser.erase import EraseResult, erase, loss_checks, retained_sample
 from eraser.errors import (
     AdapterMismatchError,
     EraserError,
@@ -44,7 +44,7 @@ from eraser.remediate import RemediationConfig, RemediationReport, remediate
 from eraser.requests import Edit, EditRequest, apply_edits, merge_edits
 from eraser.solvers import SolverReport
 from eraser.training import TrainConfig, TrainReport, add_lora, train_lora
-from eraser.update import apply_step, lora_vector
+from eraser.update import lora_vector
 from eraser.verify import VerifyConfig, VerifyResult, verify
 
 logger = logging.getLogger(__name__)
@@ -91,6 +91,7 @@ class InfluenceStage:
     records_after: list[Record]
     retained: list[Record]  # the sample the guard measures
     retained_before: float
+    checks_before: dict  # eraser.erase.loss_checks of the original adapter
     theta_before: torch.Tensor  # the original adapter's LoRA vector (p,)
     result: EraseResult | None = None  # None: every solve failed (or nothing to update)
     attempts: list[dict] = field(default_factory=list)  # one per damping tried
@@ -118,6 +119,7 @@ class ErasureOutcome:
     remediation: RemediationReport | None = None
     retrain: TrainReport | None = None
     guard: dict = field(default_factory=dict)
+    checks: dict = field(default_factory=dict)  # affected/retained/replacement loss, before and after
     stages: dict = field(default_factory=dict)  # seconds per stage
 
     @property
@@ -143,6 +145,7 @@ class ErasureOutcome:
             "retrain": ({k: v for k, v in asdict(self.retrain).items() if k != "loss_history"}
                         if self.retrain else None),
             "guard": self.guard,
+            "checks": self.checks,
             "stages": self.stages,
         }
 
@@ -191,10 +194,11 @@ def run_influence(
     edits = merge_edits(train_requests, records) if train_requests else []
     retained = retained_sample(records, edits)
     theta_before = lora_vector(model)
-    retained_before = float(per_record_losses(model, retained, tokenizer).mean()) if retained else 0.0
+    checks_before = loss_checks(model, tokenizer, edits, retained) if edits else {}
+    retained_before = checks_before.get("retained_loss") or 0.0
     stage = InfluenceStage(edits=edits, heldout_affected=heldout_affected,
                            records_after=apply_edits(records, edits), retained=retained,
-                           retained_before=retained_before, theta_before=theta_before)
+                           retained_before=retained_before, checks_before=checks_before, theta_before=theta_before)
     if not edits:
         stage.stages["influence_s"] = time.perf_counter() - started
         return stage
@@ -334,6 +338,13 @@ def verified_erase(
     """
     logger.info("verified erasure of request(s) %s: %d training record(s), %d held-out",
                 [r.request_id for r in requests], len(records), len(heldout))
+    _, touched = restrict_requests(requests, records, heldout)
+    reference = len(heldout) - len(set(touched))
+    if config.require_verification and reference < config.verify.min_reference:
+        # Fail before the solve: without a reference no adapter could be verified.
+        raise VerificationUnavailableError(
+            f"could not verify: {reference} held-out reference record(s), at least {config.verify.min_reference} "
+            "needed (train with a held-out split, --heldout-fraction > 0)")
     stage = run_influence(model, tokenizer, records, requests, config, heldout=heldout, shard=shard, system=system,
                           progress=progress)
     return complete_erasure(model, tokenizer, stage, heldout, recipe, config, base_factory=base_factory, gold=gold)
@@ -358,8 +369,12 @@ def retrain_adapter(model, tokenizer, records_after: Sequence[Record], recipe: T
     return report
 
 
+@torch.no_grad()
 def _set_lora(model, vector: torch.Tensor) -> None:
-    apply_step(model, vector - lora_vector(model))
+    """Set the LoRA parameters to ``vector`` exactly (bitwise: cached curvature is fingerprinted)."""
+    params = lora_parameters(model)
+    for p, value in zip(params, unflatten(vector.to(params[0].dtype), params)):
+        p.copy_(value)
 
 
 def _retained_nll(model, tokenizer, stage: InfluenceStage) -> float:
@@ -369,7 +384,10 @@ def _retained_nll(model, tokenizer, stage: InfluenceStage) -> float:
 def _failure(why: str, outcome: ErasureOutcome) -> str:
     last = outcome.remediation.verification if outcome.remediation and outcome.remediation.verification else (
         outcome.verification_influence or outcome.verification_before)
-    return f"no adapter passed verification ({why}); last test: {last.reason if last else 'none'}"
+    solver = [f"damping {a['damping']:.3g}: {a.get('error', a['outcome'])}" for a in outcome.attempts
+              if a["outcome"] != "ok"]
+    return (f"no adapter passed verification ({why}); last test: {last.reason if last else 'none'}"
+            + (f"; influence attempts: {'; '.join(solver)}" if solver else ""))
 
 
 def _guard(model, tokenizer, outcome: ErasureOutcome, path: str, result: VerifyResult | None,
@@ -379,6 +397,10 @@ def _guard(model, tokenizer, outcome: ErasureOutcome, path: str, result: VerifyR
     outcome.path = path
     outcome.verification = result
     outcome.retained_after = _retained_nll(model, tokenizer, stage)
+    after = loss_checks(model, tokenizer, stage.edits, stage.retained)
+    outcome.checks = {f"{key}_before": value for key, value in stage.checks_before.items()}
+    outcome.checks.update({f"{key}_after": value for key, value in after.items()})
+    outcome.checks["records_affected"] = len(stage.edits)
     finite = all(bool(torch.isfinite(p).all()) for p in lora_parameters(model))
     outcome.guard = {
         "finite": finite,

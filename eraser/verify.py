@@ -9,18 +9,21 @@ Per-record statistics (one forward pass per record, :func:`record_statistics`):
 - ``nll``: the response NLL, :func:`eraser.records.losses_from_logits` (THE loss);
 - ``min_k``: Min-K% (Shi et al., 2024, "Detecting pretraining data"), reported as the mean NLL of
   the K% least likely response tokens (same direction as ``nll``: low = member-like);
-- ``exposure``: for a response with a secret-like span (>= ``min_secret_digits`` digits), the
-  exposure of Carlini et al. (2019, "The Secret Sharer", section 4.3, extrapolated by a distribution
-  fit): ``-log2 P(candidate log-likelihood >= the true one)`` over candidates that re-draw every
-  digit, with a normal fit to the candidates' summed NLL. Calibrated by the base model (adapter
-  disabled) so that format priors ("555-", "20xx") that every model of the family has cancel:
-  ``exposure = exposure(candidate adapter) - exposure(base)``.
+- ``exposure``: for a response with a secret-like span, the exposure of Carlini et al. (2019, "The
+  Secret Sharer", section 4.3, extrapolated by a distribution fit): ``-log2 P(candidate
+  log-likelihood >= the true one)`` over candidates that re-draw the span's digits, with a normal
+  fit to the candidates' summed NLL. The span is the digits the base model (adapter disabled)
+  cannot predict (:func:`secret_slots`): a constant "555-" or the "20" of a year is format, not a
+  secret; a response with at least ``min_secret_digits`` such digits has a span. Calibrated by the
+  base: ``exposure = exposure(candidate adapter) - exposure(base)``, about 0 for a model that never
+  saw the record.
 
 The criterion ("forgotten"), for the erased (old) records E (k of them) against held-out H (m):
 1. group test: the one-sided Mann-Whitney U test of "NLL(E) is stochastically smaller than NLL(H)"
    (exact null distribution) does not reject at ``alpha``: ``p_group >= alpha``;
-2. per-record test: log NLL of H fitted by a normal; each erased record's lower-tail p-value
-   ``Phi((log nll_i - mu) / sigma)`` is >= ``alpha / k`` (Bonferroni). Catches one memorised record
+2. per-record test: log NLL of H taken as normal; each erased record's lower-tail p-value under the
+   predictive distribution of one more held-out record (Student's t, m-1 degrees of freedom, so
+   exact at small m) is >= ``alpha / k`` (Bonferroni). Catches one memorised record
    among k that the rank test cannot see at small k (its smallest p-value is 1/C(k+m, k)). For
    removed records the upper tail is bounded too, at ``overshoot_alpha / k`` ("not_overshot"): a
    record forgotten far past never-trained ones (what unbounded gradient ascent produces, NLL 7-19
@@ -63,7 +66,14 @@ import torch
 import torch.nn.functional as F
 
 from eraser.errors import EraserError
-from eraser.records import IGNORE_INDEX, Record, batches, losses_from_logits, shifted_logits_and_labels
+from eraser.records import (
+    IGNORE_INDEX,
+    Record,
+    batches,
+    format_response,
+    losses_from_logits,
+    shifted_logits_and_labels,
+)
 from eraser.requests import Edit
 
 logger = logging.getLogger(__name__)
@@ -103,11 +113,12 @@ class VerifyConfig:
     min_k: float = 0.2  # Min-K%: fraction of least likely response tokens averaged
     max_exposure: float = 8.0  # bits of calibrated exposure allowed for an erased secret-like span
     secret_candidates: int = 24  # re-drawn digit strings per secret-like span
-    min_secret_digits: int = 4  # a response with at least this many digits holds a secret-like span
+    min_secret_digits: int = 4  # a response with at least this many secret digits holds a secret-like span
+    format_probability: float = 0.5  # a digit the base model predicts this well is format, not secret
     preference_margin: float = 0.0  # nats/token the old pair may be preferred by, on average
     learned_quantile: float = 0.5  # new pairs' median NLL must be <= this quantile of the reference
     min_reference: int = 5  # fewer held-out records than this: cannot verify
-    calibrate_exposure: bool = True  # subtract the base model's exposure (adapter disabled)
+    calibrate_exposure: bool = True  # base model (adapter disabled): find the slots, subtract its exposure
     secrets: bool = True  # compute exposures at all (False: the cheap NLL-only pre-check)
     batch_size: int = 16
     seed: int = 0
@@ -118,6 +129,8 @@ class VerifyConfig:
                 raise EraserError(f"{name} must be in (0, 1), got {getattr(self, name)!r}")
         if not 0 < self.min_k <= 1:
             raise EraserError(f"min_k must be in (0, 1], got {self.min_k!r}")
+        if not 0 < self.format_probability <= 1:
+            raise EraserError(f"format_probability must be in (0, 1], got {self.format_probability!r}")
         if not 0 <= self.learned_quantile <= 1:
             raise EraserError(f"learned_quantile must be in [0, 1], got {self.learned_quantile!r}")
         for name in ("secret_candidates", "min_secret_digits", "min_reference", "batch_size"):
@@ -164,9 +177,9 @@ class VerifyResult:
     group_p: float | None = None  # Mann-Whitney one-sided p-value, NLL(erased) < NLL(held-out)
     group_auc: float | None = None  # attack AUC of "lower NLL = member" (0.5 = chance)
     min_k_p: float | None = None  # the same test on Min-K% (reported, not gating)
-    record_p: list[float] = field(default_factory=list)  # per erased record, log-normal lower tail
+    record_p: list[float] = field(default_factory=list)  # per erased record, lower tail (t predictive)
     record_p_threshold: float | None = None  # alpha / k
-    record_p_upper: list[float] = field(default_factory=list)  # per erased record, log-normal upper tail
+    record_p_upper: list[float] = field(default_factory=list)  # per erased record, upper tail
     exposure_max: float | None = None
     exposure_threshold: float | None = None  # max(max_exposure, held-out records' exposures)
     preference: float | None = None  # mean nll(old) - nll(new) over replaced records
@@ -219,12 +232,34 @@ def min_k_nll(tokens: torch.Tensor, fraction: float) -> float:
     return float(torch.topk(tokens, count).values.mean())
 
 
-def secret_candidates(record: Record, count: int, seed: int) -> list[Record]:
-    """``count`` copies of the record with every digit of the response re-drawn (seeded by the id)."""
+def secret_slots(model, tokenizer, record: Record, format_probability: float) -> list[int]:
+    """Positions (in ``record.response``) of the digits the *base* model (adapter disabled) cannot
+    predict: a digit whose token it gives probability >= ``format_probability`` given the true prefix
+    is format that every model of the family knows ("555-", "20" of a year), not a secret."""
+    text = format_response(record.response)  # what the model reads: " " + response
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    with _adapter_disabled(model):
+        tokens, _ = token_nlls(model, [record], tokenizer)
+    probabilities = torch.exp(-tokens[0])  # (response tokens + EOS,)
+    shift = len(text) - len(record.response)
+    slots: list[int] = []
+    for j, (start, end) in enumerate(offsets[: len(probabilities)]):
+        if float(probabilities[j]) < format_probability:
+            slots += [c - shift for c in range(start, end) if c >= shift and text[c].isdigit()]
+    return sorted(set(slots))
+
+
+def secret_candidates(record: Record, count: int, seed: int, slots: Sequence[int] | None = None) -> list[Record]:
+    """``count`` copies of the record with the digits at ``slots`` (default: every digit) of the
+    response re-drawn uniformly, seeded by the record id."""
     rng = random.Random(heldout_score(record.id, seed))
+    positions = [i for i, ch in enumerate(record.response) if ch.isdigit()] if slots is None else list(slots)
     candidates, seen = [], {record.response}
     for _ in range(count * 4):
-        response = DIGIT.sub(lambda _: str(rng.randrange(10)), record.response)
+        chars = list(record.response)
+        for i in positions:
+            chars[i] = str(rng.randrange(10))
+        response = "".join(chars)
         if response not in seen:
             seen.add(response)
             candidates.append(record.with_response(response))
@@ -244,8 +279,8 @@ def _log2_normal_upper_exposure(true_total: float, candidate_totals: np.ndarray)
     return (z * z / 2 + math.log(-z * math.sqrt(2 * math.pi))) / math.log(2)
 
 
-def _secret_exposure(model, tokenizer, record: Record, config: VerifyConfig) -> tuple[float, int]:
-    candidates = secret_candidates(record, config.secret_candidates, config.seed)
+def _secret_exposure(model, tokenizer, record: Record, slots: Sequence[int], config: VerifyConfig) -> tuple[float, int]:
+    candidates = secret_candidates(record, config.secret_candidates, config.seed, slots)
     population = [record, *candidates]
     tokens, _ = token_nlls(model, population, tokenizer, config.batch_size)
     totals = np.array([float(t.sum()) for t in tokens])  # summed response NLL = -log p(response)
@@ -268,14 +303,18 @@ def record_statistics(model, tokenizer, records: Sequence[Record], config: Verif
     stats.nll = [float(v) for v in losses]
     stats.min_k = [min_k_nll(t, config.min_k) for t in tokens]
     for record in records:
-        if not secrets or len(DIGIT.findall(record.response)) < config.min_secret_digits:
+        slots = []
+        if secrets and len(DIGIT.findall(record.response)) >= config.min_secret_digits:
+            slots = (secret_slots(model, tokenizer, record, config.format_probability) if config.calibrate_exposure
+                     else [i for i, ch in enumerate(record.response) if ch.isdigit()])
+        if len(slots) < config.min_secret_digits:
             stats.exposure.append(None)
             stats.secret_rank.append(None)
             continue
-        exposure, rank = _secret_exposure(model, tokenizer, record, config)
+        exposure, rank = _secret_exposure(model, tokenizer, record, slots, config)
         if config.calibrate_exposure:
             with _adapter_disabled(model):
-                base_exposure, _ = _secret_exposure(model, tokenizer, record, config)
+                base_exposure, _ = _secret_exposure(model, tokenizer, record, slots, config)
             exposure -= base_exposure
         stats.exposure.append(exposure)
         stats.secret_rank.append(rank)
@@ -322,11 +361,48 @@ def _u_distribution(k: int, m: int) -> list[int]:
 
 
 def lognormal_lower_p(values: Sequence[float], reference: Sequence[float]) -> list[float]:
-    """Per value, ``Phi((log v - mu) / sigma)`` with (mu, sigma) fitted to log(reference)."""
+    """Per value, the lower-tail p-value of ``log v`` under the predictive distribution of one more
+    draw of ``log(reference)`` (normal, mean and variance unknown): Student's t with m-1 degrees of
+    freedom, location ``mean``, scale ``s * sqrt(1 + 1/m)``. Exact for normal data at any m, so a
+    reference of 5-10 records does not overstate the tails as a plugged-in normal would."""
     logs = np.log(np.maximum(np.asarray(reference, dtype=float), 1e-8))
-    mu, sigma = float(logs.mean()), float(logs.std(ddof=1)) if len(logs) > 1 else 1.0
-    sigma = max(sigma, 1e-3)
-    return [0.5 * math.erfc(-((math.log(max(v, 1e-8)) - mu) / sigma) / math.sqrt(2)) for v in values]
+    m = len(logs)
+    if m < 2:
+        raise EraserError("the per-record test needs at least 2 reference records")
+    mean, scale = float(logs.mean()), max(float(logs.std(ddof=1)), 1e-3) * math.sqrt(1 + 1 / m)
+    return [student_t_cdf((math.log(max(v, 1e-8)) - mean) / scale, m - 1) for v in values]
+
+
+def student_t_cdf(t: float, df: float) -> float:
+    """CDF of Student's t: ``1 - I_x(df/2, 1/2) / 2`` for t > 0, ``x = df / (df + t^2)``."""
+    tail = 0.5 * _regularized_beta(df / (df + t * t), df / 2, 0.5)
+    return 1.0 - tail if t > 0 else tail
+
+
+def _regularized_beta(x: float, a: float, b: float) -> float:
+    """``I_x(a, b)`` by Lentz's continued fraction (Numerical Recipes, section 6.4)."""
+    if x <= 0:
+        return 0.0
+    if x >= 1:
+        return 1.0
+    if x > (a + 1) / (a + b + 2):
+        return 1.0 - _regularized_beta(1 - x, b, a)
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for i in range(1, 300):
+        for numerator in (i * (b - i) * x / ((a + 2 * i - 1) * (a + 2 * i)),
+                          -(a + i) * (a + b + i) * x / ((a + 2 * i) * (a + 2 * i + 1))):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-14:
+            break
+    return math.exp(log_front) * h / a
 
 
 def verify(

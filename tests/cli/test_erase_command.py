@@ -15,7 +15,7 @@ from eraser.records import load_records, mean_loss, save_records
 from eraser.requests import EditRequest, apply_edits, build_edits
 from eraser.update import read_manifest
 
-TRAIN = ["--epochs", "3", "--lr", "1e-2", "--rank", "4", "--batch-size", "4", "--seed", "0"]
+TRAIN = ["--epochs", "3", "--lr", "1e-2", "--rank", "4", "--batch-size", "4", "--seed", "0", "--heldout-fraction", "0.3"]
 DEBUG = False
 BASE = ["--vocab-size", "320", "--hidden-size", "64", "--layers", "1", "--heads", "2"]
 
@@ -52,7 +52,10 @@ def losses(root: Path, adapter: str, records) -> float:
 
 @pytest.mark.parametrize("kind", ["remove", "modify_query", "correct_response"])
 def test_every_kind_moves_the_adapter_towards_the_retrained_gold(workspace, kind, capsys):
-    """Progress = how far the affected records' NLL moved from the original toward the gold's."""
+    """Progress = how far the affected records' NLL moved from the original toward the gold's.
+
+    This measures the influence update itself (``--no-verify``); the verified default path, which may
+    remediate past it, is tested below."""
     records = load_records(workspace / "records.jsonl")
     body = request_for(kind, records)
     (workspace / f"{kind}.json").write_text(json.dumps(body))
@@ -63,12 +66,15 @@ def test_every_kind_moves_the_adapter_towards_the_retrained_gold(workspace, kind
                  "--out", str(workspace / f"gold-{kind}"), *TRAIN]) == 0
     assert main(["erase", "--base", str(workspace / "base"), "--adapter", str(workspace / "adapter"),
                  "--data", str(workspace / "records.jsonl"), "--request", str(workspace / f"{kind}.json"),
-                 "--out", str(workspace / f"erased-{kind}"), "--damping", "0.1"]) == 0
-    assert "residual" in capsys.readouterr().out
+                 "--out", str(workspace / f"erased-{kind}"), "--damping", "0.1", "--no-verify"]) == 0
+    out = capsys.readouterr().out
+    assert "residual" in out and "verified    NO" in out
 
     manifest = read_manifest(workspace / f"erased-{kind}")
     assert manifest["request_ids"] == [f"req-{kind}"] and manifest["solver"]["converged"]
-    assert sorted(manifest["records_affected"]) == sorted(edit.old.id for edit in edits)
+    assert manifest["path"] == "influence" and manifest["verified"] is False
+    # Records of the held-out split were never trained on: named, reported apart, not in the update.
+    assert sorted(manifest["records_affected"] + manifest["heldout"]["affected"]) == sorted(edit.old.id for edit in edits)
     for label, affected in (("old", [e.old for e in edits]), ("new", [e.new for e in edits if e.new])):
         if not affected:
             continue
@@ -123,12 +129,47 @@ def test_mismatched_base_and_adapter_is_refused(workspace, tmp_path, capsys):
 
 
 def test_unconverged_and_diverged_solves_write_nothing(workspace, capsys):
+    """Every escalated damping fails too; without the retrain fallback no adapter may be written."""
     body = {"request_id": "x", "kind": "remove", "records": ["rec-0000-0"]}
-    assert run_erase(workspace, body, "unconverged", "--max-iters", "1", "--tol", "1e-9") == 2
+    assert run_erase(workspace, body, "unconverged", "--max-iters", "1", "--tol", "1e-9", "--no-retrain") == 2
     assert "above tol" in capsys.readouterr().err
     assert not (workspace / "unconverged").exists()
     assert run_erase(workspace, body, "diverged", "--curvature", "hessian", "--damping", "1e-9",
-                     "--max-iters", "200", "--tol", "1e-12") == 2
+                     "--max-iters", "200", "--tol", "1e-12", "--no-retrain") == 2
     err = capsys.readouterr().err
     assert "non-positive curvature" in err or "residual grew" in err or "above tol" in err
     assert not (workspace / "diverged").exists()
+
+
+def test_the_default_erase_is_verified_and_says_which_path(workspace, capsys):
+    """`eraser erase` runs verified_erase: influence -> membership test -> remediation/retrain -> guard,
+    printing and recording the path, the test before/after, retained NLL before/after, time per stage."""
+    records = load_records(workspace / "records.jsonl")
+    assert run_erase(workspace, request_for("remove", records), "verified") == 0
+    out = capsys.readouterr().out
+    for line in ("path ", "test before", "test after  passed", "retained    NLL", "stages ", "written"):
+        assert line in out, out
+    manifest = read_manifest(workspace / "verified")
+    assert manifest["path"] in ("influence", "influence+remediation", "retrain") and manifest["verified"] is True
+    assert manifest["verification"]["after"]["passed"] and manifest["verification"]["before"] is not None
+    assert manifest["retained"]["after"] <= manifest["retained"]["bound"]
+    assert all(manifest["guard"].values()) and manifest["heldout"]["fraction"] == 0.3
+    assert manifest["heldout"]["affected"] == ["rec-0002-1"]  # held out: named, never trained on
+    assert {"influence_s", "verify_s", "guard_s", "total_s"} <= set(manifest["stages"])
+    assert manifest["recipe"]["epochs"] == 3  # the retrain fallback's recipe travels with the adapter
+
+
+def test_without_a_held_out_split_erase_refuses_unless_told(workspace, tmp_path, capsys):
+    records = load_records(workspace / "records.jsonl")
+    assert main(["train", "--base", str(workspace / "base"), "--data", str(workspace / "records.jsonl"),
+                 "--out", str(tmp_path / "all"), *TRAIN, "--heldout-fraction", "0"]) == 0
+    (tmp_path / "r.json").write_text(json.dumps(request_for("remove", records)))
+    common = ["erase", "--base", str(workspace / "base"), "--adapter", str(tmp_path / "all"),
+              "--data", str(workspace / "records.jsonl"), "--request", str(tmp_path / "r.json")]
+    capsys.readouterr()
+    assert main([*common, "--out", str(tmp_path / "refused")]) == 2
+    assert "could not verify" in capsys.readouterr().err and not (tmp_path / "refused").exists()
+    assert main([*common, "--out", str(tmp_path / "unverified"), "--allow-unverified"]) == 0
+    assert "UNVERIFIED" in capsys.readouterr().out
+    manifest = read_manifest(tmp_path / "unverified")
+    assert manifest["verified"] is False and manifest["path"] == "influence"
