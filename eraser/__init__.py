@@ -8,12 +8,13 @@ from eraser.errors import (
     InvalidRequestError,
     SolverDivergedError,
     SolverNotConvergedError,
+    StaleCurvatureError,
     UnknownRecordError,
 )
 from eraser.influence import InfluenceSystem, Shard, SolveConfig
 from eraser.records import Record, load_records, record_losses, save_records
 from eraser.requests import Edit, EditRequest, apply_edits, build_edits, merge_edits
-from eraser.solvers import SolverReport
+from eraser.solvers import LowRankCurvature, SolverReport
 from eraser.training import TrainConfig, add_lora, train_lora
 
 __all__ = [
@@ -25,12 +26,14 @@ __all__ = [
     "InfluenceSystem",
     "InvalidRecordsError",
     "InvalidRequestError",
+    "LowRankCurvature",
     "Record",
     "Shard",
     "SolveConfig",
     "SolverDivergedError",
     "SolverNotConvergedError",
     "SolverReport",
+    "StaleCurvatureError",
     "TrainConfig",
     "UnknownRecordError",
     "add_lora",

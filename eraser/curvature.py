@@ -97,3 +97,101 @@ def _ggn_vector_sum(model, params, batch: Batch, vector: torch.Tensor) -> torch.
     weights = token_weights(labels).to(logits.dtype).unsqueeze(-1)  # (B, T, 1)
     h_jv = weights * probs * (jv - (probs * jv).sum(dim=-1, keepdim=True))  # (B, T, V)
     return flatten(_grads_or_zeros(logits, params, h_jv)).detach()
+
+
+# -- per-record gradients of the LoRA factors (for low-rank curvature caches) ------------------
+class _LoraTaps:
+    """Forward hooks on the LoRA ``nn.Linear`` modules that own ``params``: they keep each module's
+    input (B, T, in) and output (B, T, out), so that per-record weight gradients are
+    ``sum_t dL/dout[b, t] (x) in[b, t]`` from one batched backward to the outputs."""
+
+    def __init__(self, model, params: Sequence[torch.nn.Parameter]):
+        owners = {id(p): name for name, p in model.named_parameters()}
+        self.modules = []
+        for p in params:
+            module_name, _, leaf = owners[id(p)].rpartition(".")
+            module = model.get_submodule(module_name)
+            if leaf != "weight" or not isinstance(module, torch.nn.Linear) or module.bias is not None:
+                raise ValueError(f"per-record gradients need bias-free nn.Linear LoRA factors, got {owners[id(p)]!r}")
+            self.modules.append(module)
+        self.taps: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.handles = []
+
+    def __enter__(self) -> "_LoraTaps":
+        for module in self.modules:
+            self.handles.append(module.register_forward_hook(self._hook))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def _hook(self, module, inputs, output) -> None:
+        if id(module) in self.taps:
+            raise ValueError("a LoRA module ran twice in one forward; per-record gradients need one call")
+        self.taps[id(module)] = (inputs[0], output)
+
+    def outputs(self) -> list[torch.Tensor]:
+        return [self.taps[id(m)][1] for m in self.modules]
+
+    def per_record(self, output_grads: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Per-record gradients (B, p), in the order of ``params``, from gradients w.r.t. ``outputs()``."""
+        parts = []
+        for module, grad in zip(self.modules, output_grads):
+            inputs = self.taps[id(module)][0].detach()  # (B, T, in)
+            per_record = torch.einsum("bto,bti->boi", grad, inputs)  # (B, out, in)
+            parts.append(per_record.reshape(per_record.shape[0], -1))
+        return torch.cat(parts, dim=1)
+
+
+def per_record_gradients(model, params: Sequence[torch.nn.Parameter], batch: Batch) -> torch.Tensor:
+    """``grad l(z_i; theta)`` for each record of the batch, as rows (B, p), from one batched backward."""
+    with _LoraTaps(model, params) as taps:
+        loss = record_losses(model, batch).sum()
+        outputs = taps.outputs()
+        grads = torch.autograd.grad(loss, outputs, allow_unused=True)
+        grads = [torch.zeros_like(o) if g is None else g for g, o in zip(grads, outputs)]
+        return taps.per_record(grads).detach()
+
+
+def sampled_ggn_factor(
+    model,
+    params: Sequence[torch.nn.Parameter],
+    batch: Batch,
+    draws: int = 1,
+    seeds: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """Rows ``f`` (B * draws, p) whose outer products estimate the records' Gauss-Newton matrices without
+    bias: ``E[sum_rows f f^T] = sum_{i in batch} G_i``.
+
+    For record i, ``f = grad_theta sum_t sqrt(w_t) CE(f_t(theta), y_t) / sqrt(draws)`` with labels
+    ``y_t ~ softmax(f_t)`` drawn from the model itself: ``E[(p - e_y)(p - e_y)^T] = diag(p) - p p^T`` is
+    the output Hessian of the cross-entropy, and the cross terms between tokens vanish because
+    ``E[p - e_y] = 0`` (the "true Fisher" sampling of K-FAC, Martens & Grosse 2015, Sec. 5).
+    Rows are ordered draw-major: row ``d * B + i`` is draw d of record i. Record i's labels come from
+    its own generator seeded with ``seeds[i]``, so the rows do not depend on how records are batched.
+    """
+    if draws < 1:
+        raise ValueError(f"draws must be >= 1, got {draws!r}")
+    seeds = list(seeds) if seeds is not None else list(range(len(batch)))
+    if len(seeds) != len(batch):
+        raise ValueError(f"need one seed per record: {len(seeds)} seeds for {len(batch)} records")
+    generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+    with _LoraTaps(model, params) as taps:
+        logits, labels = shifted_logits_and_labels(model, batch)  # (B, T, V), (B, T)
+        root_weights = token_weights(labels).to(logits.dtype).sqrt()  # (B, T)
+        probs = torch.softmax(logits.detach(), dim=-1)  # (B, T, V)
+        outputs = taps.outputs()
+        rows = []
+        for draw in range(draws):
+            sampled = torch.stack([torch.multinomial(probs[i], 1, generator=generators[i]).squeeze(1)
+                                   for i in range(len(generators))])  # (B, T)
+            nll = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), sampled.reshape(-1), reduction="none"
+            ).view(labels.shape)  # (B, T)
+            loss = (nll * root_weights).sum()
+            grads = torch.autograd.grad(loss, outputs, retain_graph=draw + 1 < draws, allow_unused=True)
+            grads = [torch.zeros_like(o) if g is None else g for g, o in zip(grads, outputs)]
+            rows.append(taps.per_record(grads).detach())
+        return torch.cat(rows) / draws**0.5

@@ -9,30 +9,33 @@ seed, so N workers compute exactly the sums one process would (up to floating-po
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import random
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Literal, Sequence
 
 import torch
 
-from eraser.curvature import CURVATURES, gradient_sum, hvp_sum, lora_parameters, num_parameters
-from eraser.errors import EraserError
+from eraser.curvature import CURVATURES, gradient_sum, hvp_sum, lora_parameters, num_parameters, sampled_ggn_factor
+from eraser.errors import EraserError, StaleCurvatureError
 from eraser.records import Record, collate
 from eraser.requests import Edit
 from eraser import solvers
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TOL = {"cg": 1e-3, "sgd": 5e-2, "lissa": 5e-2}
+DEFAULT_TOL = {"cg": 1e-3, "sgd": 5e-2, "lissa": 5e-2, "eigen": 5e-2}
+CACHE_METHODS: tuple[str, ...] = ("sampled", "hvp")
 
 
 @dataclass(frozen=True)
 class SolveConfig:
     """How to solve ``(C + lambda I) x = b``. Defaults chosen by measurement (see README, benchmarks)."""
 
-    solver: str = "cg"  # cg | sgd | lissa
+    solver: str = "cg"  # cg | sgd | lissa | eigen (cached low-rank curvature + preconditioned CG)
     curvature: str = "ggn"  # ggn (PSD, stable) | hessian (exact, indefinite)
     damping: float = 0.01  # lambda; relative to the top curvature eigenvalue unless damping_mode="absolute"
     damping_mode: Literal["relative", "absolute"] = "relative"
@@ -47,6 +50,12 @@ class SolveConfig:
     check_every: int = 10  # stochastic solvers: residual check period
     seed: int = 0
     require_converged: bool = True
+    # eigen: the low-rank curvature cached per adapter version (see CurvatureCache / curvature_cache()).
+    rank: int = 256  # eigenpairs kept
+    cache_samples: int = 256  # records the cached curvature is estimated on
+    cache_draws: int = 2  # sampled: label draws per record (rows of the factor = samples * draws)
+    cache_method: str = "sampled"  # sampled (one batched backward per draw) | hvp (subspace iteration, exact, costly)
+    cache_iters: int = 2  # hvp: subspace iterations
 
     def __post_init__(self) -> None:
         if self.solver not in solvers.SOLVERS:
@@ -57,9 +66,17 @@ class SolveConfig:
             raise EraserError(f"damping must be a positive number, got {self.damping!r}")
         if self.damping_mode not in ("relative", "absolute"):
             raise EraserError(f"damping_mode must be 'relative' or 'absolute', got {self.damping_mode!r}")
-        for name in ("max_iters", "batch_size", "eval_size", "micro_batch", "power_iters", "check_every"):
+        if self.cache_method not in CACHE_METHODS:
+            raise EraserError(f"cache_method must be one of {CACHE_METHODS}, got {self.cache_method!r}")
+        if self.solver == "eigen" and self.cache_method == "sampled" and self.curvature != "ggn":
+            raise EraserError("solver 'eigen' with cache_method 'sampled' estimates the Gauss-Newton matrix: "
+                              f"use curvature 'ggn' (got {self.curvature!r}) or cache_method 'hvp'")
+        for name in ("max_iters", "batch_size", "eval_size", "micro_batch", "power_iters", "check_every",
+                     "rank", "cache_samples", "cache_draws"):
             if getattr(self, name) < 1:
                 raise EraserError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.cache_iters < 0:
+            raise EraserError(f"cache_iters must be >= 0, got {self.cache_iters!r}")
         if self.tol is not None and not (0 < self.tol < 1):
             raise EraserError(f"tol must be in (0, 1), got {self.tol!r}")
 
@@ -83,10 +100,24 @@ class Shard:
         return index % self.world_size == self.rank
 
 
-class InfluenceSystem:
-    """Gradients and the damped curvature operator of ``L(theta) = (1/n) sum_i l(z_i)`` at one adapter."""
+def adapter_fingerprint(params: Sequence[torch.Tensor]) -> str:
+    """sha256 of the LoRA weights: which adapter version a cached curvature belongs to."""
+    digest = hashlib.sha256()
+    for p in params:
+        digest.update(p.detach().to(torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
-    def __init__(self, model, tokenizer, records: Sequence[Record], config: SolveConfig, shard: Shard | None = None):
+
+class InfluenceSystem:
+    """Gradients and the damped curvature operator of ``L(theta) = (1/n) sum_i l(z_i)`` at one adapter.
+
+    With ``solver="eigen"`` it holds a :class:`~eraser.solvers.LowRankCurvature` of the adapter, built on
+    first use (:meth:`curvature_cache`) or passed in (``cache=``, e.g. built in the background after the
+    adapter version was published); requests on the same version then share it.
+    """
+
+    def __init__(self, model, tokenizer, records: Sequence[Record], config: SolveConfig, shard: Shard | None = None,
+                 cache: "solvers.LowRankCurvature | None" = None):
         if not records:
             raise EraserError("no training records: the curvature needs the adapter's training set")
         self.model = model.eval()
@@ -99,9 +130,12 @@ class InfluenceSystem:
         self.dtype = self.params[0].dtype
         self.record_passes = 0  # records pushed through an HVP or gradient by this worker
         self._top_eigenvalue: float | None = None
+        self._cache = cache
         rng = random.Random(config.seed)
         n = len(self.records)
         self.eval_indices = sorted(rng.sample(range(n), min(config.eval_size, n)))
+        if cache is not None:
+            self._check_cache(cache)
 
     # -- sums over (global) record indices, computed on this shard, reduced across shards ---------
     def _local_micro_batches(self, records_with_index: Sequence[tuple[int, Record]]):
@@ -138,8 +172,67 @@ class InfluenceSystem:
         rng = random.Random(self.config.seed * 1_000_003 + step + 1)
         return sorted(rng.sample(range(n), min(self.config.batch_size, n)))
 
+    # -- the cached low-rank curvature (solver "eigen") -------------------------------------------
+    def cache_indices(self) -> list[int]:
+        n = len(self.records)
+        rng = random.Random(self.config.seed * 7_368_787 + 11)
+        return sorted(rng.sample(range(n), min(self.config.cache_samples, n)))
+
+    def curvature_cache(self) -> "solvers.LowRankCurvature":
+        """The top ``rank`` eigenpairs of the curvature on ``cache_samples`` records, built once per adapter.
+
+        ``sampled`` (default): the Gauss-Newton matrix estimated from per-record gradients with labels
+        drawn from the model (:func:`~eraser.curvature.sampled_ggn_factor`), ``cache_draws`` batched
+        backward passes per record, then an m x m eigendecomposition. ``hvp``: randomized subspace
+        iteration with exact HVPs, ``(cache_iters + 1) * (rank + 10)`` HVPs over the sample.
+        """
+        if self._cache is not None:
+            return self._cache
+        cfg = self.config
+        started = time.perf_counter()
+        passes_before = self.record_passes
+        indices = self.cache_indices()
+        if cfg.cache_method == "hvp":
+            cache = solvers.subspace_iteration(lambda v: self.curvature_mean(indices, v), self.dim, cfg.rank,
+                                               iters=cfg.cache_iters, seed=cfg.seed, dtype=self.dtype)
+        else:
+            m = len(indices)
+            factor = torch.zeros(cfg.cache_draws * m, self.dim, dtype=self.dtype)  # (draws * m, p)
+            positions = {index: j for j, index in enumerate(indices)}
+            mine = [(i, self.records[i]) for i in indices if self.shard.owns(i)]
+            for start in range(0, len(mine), cfg.micro_batch):
+                chunk = mine[start : start + cfg.micro_batch]
+                self.record_passes += len(chunk)
+                seeds = [cfg.seed * 1_000_003 + i for i, _ in chunk]
+                rows = sampled_ggn_factor(self.model, self.params, collate([r for _, r in chunk], self.tokenizer),
+                                          draws=cfg.cache_draws, seeds=seeds)  # (draws * B, p)
+                for d in range(cfg.cache_draws):
+                    for k, (i, _) in enumerate(chunk):
+                        factor[d * m + positions[i]] = rows[d * len(chunk) + k]
+            factor = self.shard.reduce(factor)
+            cache = solvers.eigen_from_factor(factor, cfg.rank, count=m)
+        cache.info.update(method=cfg.cache_method, samples=len(indices), draws=cfg.cache_draws,
+                          curvature=cfg.curvature, record_passes=self.record_passes - passes_before,
+                          wall_time_s=time.perf_counter() - started, adapter=adapter_fingerprint(self.params))
+        logger.info("cached %s curvature: rank %d, top eigenvalue %.4g, %d records, %.1fs", cfg.cache_method,
+                    cache.rank, cache.top, len(indices), cache.info["wall_time_s"])
+        self._cache = cache
+        return cache
+
+    def _check_cache(self, cache: "solvers.LowRankCurvature") -> None:
+        if cache.vectors.shape[0] != self.dim:
+            raise StaleCurvatureError(f"cached curvature has dimension {cache.vectors.shape[0]}, the adapter {self.dim}")
+        built_for = cache.info.get("adapter")
+        if built_for is not None and built_for != adapter_fingerprint(self.params):
+            raise StaleCurvatureError(
+                f"cached curvature was built for adapter weights {built_for[:12]}, not these "
+                f"({adapter_fingerprint(self.params)[:12]}): rebuild it for this adapter version")
+
     def top_eigenvalue(self) -> float:
-        """Largest eigenvalue of the (undamped) curvature on the evaluation batch; cached per adapter."""
+        """Largest eigenvalue of the (undamped) curvature: the cached low-rank curvature's for ``eigen``,
+        else power iteration on the evaluation batch; cached per adapter."""
+        if self._top_eigenvalue is None and self.config.solver == "eigen":
+            self._top_eigenvalue = self.curvature_cache().top
         if self._top_eigenvalue is None:
             apply = lambda v: self.curvature_mean(self.eval_indices, v)  # noqa: E731
             self._top_eigenvalue = solvers.power_iteration(
@@ -164,6 +257,11 @@ class InfluenceSystem:
                       require_converged=cfg.require_converged, progress=progress)
         if cfg.solver == "cg":
             x, report = solvers.conjugate_gradient(apply_eval, b, **common)
+        elif cfg.solver == "eigen":
+            cache = self.curvature_cache()
+            self._check_cache(cache)  # the model may have been updated in place since the cache was built
+            x, report = solvers.lowrank_conjugate_gradient(apply_eval, b, cache, **common)
+            report.extra.update(cache={k: v for k, v in cache.info.items() if k != "adapter"})
         else:
             # Step sizes need lambda_max of the damped operator; power iteration sees the eval batch,
             # minibatches can exceed it, so keep a safety margin.

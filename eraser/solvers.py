@@ -8,6 +8,12 @@ Every solver stops when the relative residual ``||(H + lambda I) x - b|| / ||b||
 ``apply_eval``, falls below ``tol``; raises :class:`SolverDivergedError` on non-finite values or a
 residual that keeps growing; and raises :class:`SolverNotConvergedError` (carrying the report) when
 the iteration cap is reached above ``tol`` unless ``require_converged=False``.
+
+``eigen`` amortises the curvature: a :class:`LowRankCurvature` (top eigenpairs, built once per adapter
+version by :func:`eigen_from_factor` or :func:`subspace_iteration`) gives the Woodbury-style inverse
+``U (L + lambda)^-1 U^T b + (b - U U^T b) / lambda`` as the starting point and the preconditioner of
+conjugate gradients on ``apply_eval`` (:func:`lowrank_conjugate_gradient`); the residual it reports is
+the true one on the evaluation batch, like every other solver's.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from eraser.errors import SolverDivergedError, SolverNotConvergedError
 ApplyEval = Callable[[torch.Tensor], torch.Tensor]
 ApplyMinibatch = Callable[[int, torch.Tensor], torch.Tensor]
 
-SOLVERS: tuple[str, ...] = ("cg", "sgd", "lissa")
+SOLVERS: tuple[str, ...] = ("cg", "sgd", "lissa", "eigen")
 # A residual this many times above the best one seen (and above ||b||) means the iteration diverges.
 DIVERGENCE_FACTOR = 1e3
 
@@ -243,3 +249,158 @@ def power_iteration(apply: ApplyEval, dim: int, iters: int = 20, seed: int = 0, 
             break
         v = w / norm
     return abs(eigenvalue)
+
+
+# -- amortised curvature: a cached low-rank eigendecomposition ---------------------------------
+@dataclass
+class LowRankCurvature:
+    """``C ~= U diag(L) U^T``: the top eigenpairs of a PSD curvature, orthonormal ``U`` (p, k), ``L`` (k,)
+    descending. Built once per adapter version; every request on that version reuses it."""
+
+    vectors: torch.Tensor  # (p, k), orthonormal columns
+    values: torch.Tensor  # (k,), descending, >= 0
+    info: dict = field(default_factory=dict)  # how it was built: samples, passes, seconds
+
+    @property
+    def rank(self) -> int:
+        return int(self.values.numel())
+
+    @property
+    def top(self) -> float:
+        return float(self.values[0]) if self.rank else 0.0
+
+    def apply(self, v: torch.Tensor) -> torch.Tensor:
+        """``U L U^T v`` (p,)."""
+        u = self.vectors
+        return (u @ (self.values * (u.T @ v.to(u.dtype)))).to(v.dtype)
+
+    def inverse(self, v: torch.Tensor, damping: float, tail: float = 0.0) -> torch.Tensor:
+        """``(U L U^T + tail (I - U U^T) + lambda I)^-1 v = U (L + lambda)^-1 U^T v + (v - U U^T v) / (lambda + tail)``
+        (Woodbury). ``tail = 0``: the low-rank curvature itself; ``tail = L[-1]``: the randomized Nystrom
+        preconditioner of Frangella, Tropp & Udell (2023, SIAM J. Matrix Anal. Appl. 44(2), Eq. 5.2). (p,)"""
+        if not damping > 0:
+            raise ValueError(f"damping must be > 0 for the low-rank inverse, got {damping!r}")
+        u = self.vectors
+        coefficients = u.T @ v.to(u.dtype)  # (k,)
+        inside = u @ (coefficients / (self.values + damping))  # (p,)
+        outside = (v.to(u.dtype) - u @ coefficients) / (damping + tail)
+        return (inside + outside).to(v.dtype)
+
+
+def eigen_from_factor(factor: torch.Tensor, rank: int, count: int | None = None,
+                      chunk: int = 4096) -> LowRankCurvature:
+    """Top ``rank`` eigenpairs of ``C = F^T F / count`` from a factor ``F`` (m, p), through the m x m Gram
+    matrix: ``F F^T / count = W M W^T`` gives ``U = F^T W M^-1/2 / sqrt(count)``. The Gram matrix is
+    accumulated in float64 over column chunks (memory: the factor plus one chunk)."""
+    count = count or factor.shape[0]
+    gram = torch.zeros(factor.shape[0], factor.shape[0], dtype=torch.float64)  # (m, m)
+    for start in range(0, factor.shape[1], chunk):
+        block = factor[:, start : start + chunk].to(torch.float64)
+        gram += block @ block.T
+    gram /= count
+    values, vectors = torch.linalg.eigh(gram)  # ascending
+    keep = min(rank, int((values > values[-1] * 1e-10).sum()))
+    values, vectors = values.flip(0)[:keep], vectors.flip(1)[:, :keep]  # (k,), (m, k)
+    u = factor.T @ (vectors / torch.sqrt(values * count)).to(factor.dtype)  # (p, k)
+    return LowRankCurvature(vectors=u, values=values.to(factor.dtype))
+
+
+def subspace_iteration(
+    apply: ApplyEval,
+    dim: int,
+    rank: int,
+    *,
+    oversample: int = 10,
+    iters: int = 2,
+    seed: int = 0,
+    dtype=torch.float32,
+) -> LowRankCurvature:
+    """Top ``rank`` eigenpairs of a symmetric PSD operator by randomized subspace iteration with a final
+    Rayleigh-Ritz step (Halko, Martinsson & Tropp 2011, Alg. 4.4 + 5.3). Costs
+    ``(iters + 1) * (rank + oversample)`` operator applications."""
+    width = min(dim, rank + oversample)
+    generator = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(dim, width, generator=generator, dtype=dtype))  # (p, w)
+
+    def apply_block(block: torch.Tensor) -> torch.Tensor:
+        return torch.stack([apply(block[:, j]) for j in range(block.shape[1])], dim=1)
+
+    for _ in range(iters):
+        q, _ = torch.linalg.qr(apply_block(q))
+    projected = q.T @ apply_block(q)  # (w, w)
+    values, vectors = torch.linalg.eigh((projected + projected.T) / 2)
+    values, vectors = values.flip(0)[:rank], vectors.flip(1)[:, :rank]
+    return LowRankCurvature(vectors=q @ vectors, values=values.clamp(min=0),
+                            info={"operator_applications": (iters + 1) * width})
+
+
+def lowrank_conjugate_gradient(
+    apply_eval: ApplyEval,
+    b: torch.Tensor,
+    curvature: LowRankCurvature,
+    *,
+    tol: float = 5e-2,
+    max_iters: int = 20,
+    damping: float,
+    require_converged: bool = True,
+    progress: Callable[[int, float], None] | None = None,
+) -> tuple[torch.Tensor, SolverReport]:
+    """The cached low-rank curvature's solution, refined on ``apply_eval`` by preconditioned CG.
+
+    1. ``x_0 = (U L U^T + lambda I)^-1 b`` (Woodbury, DESIGN.md "Cost model"): exact for the low-rank
+       curvature, the complement of its eigenvectors treated as curvature-free (step ``1 / lambda``).
+       Its residual on the evaluation batch is measured (one operator application) and reported: it
+       says how far the low-rank curvature is from the evaluation batch's, not a solver tolerance.
+    2. While that residual is above ``tol`` and ``max_iters > 0``: conjugate gradients on ``apply_eval``
+       with the randomized Nystrom preconditioner (``inverse(., lambda, tail=L[-1])``), from ``x_0`` or
+       from 0, whichever has the smaller residual. ``max_iters=0`` keeps the low-rank solution.
+    ``iterations`` counts CG steps after ``x_0``; ``relative_residual`` is the true one on the batch.
+    """
+    monitor = _Monitor("eigen", b, tol, damping)
+    tail = float(curvature.values[-1]) if curvature.rank else 0.0
+    monitor.report.extra.update(rank=curvature.rank, cached_top_eigenvalue=curvature.top, nystrom_tail=tail)
+    x = curvature.inverse(b, damping)
+    monitor.check_finite(x, "low-rank solution")
+    r = b - apply_eval(x)
+    monitor.report.hvps += 1
+    monitor.check_finite(r, "HVP")
+    initial = float(r.norm()) / max(monitor.b_norm, 1e-300)
+    monitor.report.extra.update(lowrank_relative_residual=initial, lowrank_step_norm=float(x.norm()))
+    if progress:
+        progress(0, initial)
+    if monitor.record(initial) or max_iters == 0:
+        return x, _finish(monitor, require_converged)
+    if initial > 1.0:  # the zero vector is closer (residual 1): start there
+        x, r = torch.zeros_like(b), b.clone()
+        monitor.report.extra["restarted_from_zero"] = True
+    z = curvature.inverse(r, damping, tail)
+    p = z.clone()
+    rz = float(r @ z)
+    for _ in range(max_iters):
+        ap = apply_eval(p)
+        monitor.report.hvps += 1
+        monitor.check_finite(ap, "HVP")
+        curvature_along = float(p @ ap)
+        if curvature_along <= 0:
+            monitor.finish()
+            raise SolverDivergedError(
+                f"eigen: non-positive curvature p^T A p = {curvature_along:.3g} at iteration "
+                f"{monitor.report.iterations}: the damped matrix is indefinite (raise --damping or use --curvature ggn)"
+            )
+        alpha = rz / curvature_along
+        x = x + alpha * p
+        r = r - alpha * ap
+        monitor.report.iterations += 1
+        converged = monitor.record(float(r.norm()) / max(monitor.b_norm, 1e-300))
+        if progress:
+            progress(monitor.report.iterations, monitor.report.relative_residual)
+        if converged:
+            break
+        z = curvature.inverse(r, damping, tail)
+        rz_next = float(r @ z)
+        p = z + (rz_next / rz) * p
+        rz = rz_next
+    # The recursive residual drifts in floating point: report the true one.
+    monitor.report.relative_residual = _relative_residual(apply_eval, x, b, monitor)
+    monitor.report.converged = monitor.report.relative_residual <= tol * 1.5
+    return x, _finish(monitor, require_converged)
