@@ -40,7 +40,7 @@ class SolveConfig:
     damping: float = 0.01  # lambda; relative to the top curvature eigenvalue unless damping_mode="absolute"
     damping_mode: Literal["relative", "absolute"] = "relative"
     tol: float | None = None  # relative residual target; None = the solver's default (DEFAULT_TOL)
-    max_iters: int = 200
+    max_iters: int = 200  # eigen: CG refinement steps after the low-rank solution (0: none)
     batch_size: int = 32  # records per stochastic HVP (sgd, lissa)
     eval_size: int = 256  # records in the fixed batch for residuals (and cg's operator)
     micro_batch: int = 16  # records per forward/backward, bounds memory
@@ -71,7 +71,10 @@ class SolveConfig:
         if self.solver == "eigen" and self.cache_method == "sampled" and self.curvature != "ggn":
             raise EraserError("solver 'eigen' with cache_method 'sampled' estimates the Gauss-Newton matrix: "
                               f"use curvature 'ggn' (got {self.curvature!r}) or cache_method 'hvp'")
-        for name in ("max_iters", "batch_size", "eval_size", "micro_batch", "power_iters", "check_every",
+        if self.max_iters < (0 if self.solver == "eigen" else 1):
+            raise EraserError(f"max_iters must be >= 1 (>= 0 for solver 'eigen': keep the low-rank solution), "
+                              f"got {self.max_iters!r}")
+        for name in ("batch_size", "eval_size", "micro_batch", "power_iters", "check_every",
                      "rank", "cache_samples", "cache_draws"):
             if getattr(self, name) < 1:
                 raise EraserError(f"{name} must be >= 1, got {getattr(self, name)!r}")
