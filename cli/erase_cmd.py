@@ -92,12 +92,19 @@ def heldout_split(args: argparse.Namespace, records, parent: dict):
 
 
 def recipe_from_manifest(parent: dict):
+    """The adapter's training recipe from its eraser.json (the retrain fallback's), or None."""
+    from dataclasses import fields
+
     from eraser.training import TrainConfig
 
     recipe = parent.get("recipe")
     if not recipe:
         return None
-    return TrainConfig(**{**recipe, "target_modules": tuple(recipe.get("target_modules", TrainConfig().target_modules))})
+    known = {f.name for f in fields(TrainConfig)}
+    values = {k: v for k, v in recipe.items() if k in known}
+    if "target_modules" in values:
+        values["target_modules"] = tuple(values["target_modules"])
+    return TrainConfig(**values)
 
 
 def run_erase(args: argparse.Namespace) -> int:

@@ -13,8 +13,9 @@ Per-record statistics (one forward pass per record, :func:`record_statistics`):
   Secret Sharer", section 4.3, extrapolated by a distribution fit): ``-log2 P(candidate
   log-likelihood >= the true one)`` over candidates that re-draw the span's digits, with a normal
   fit to the candidates' summed NLL. The span is the digits the base model (adapter disabled)
-  cannot predict (:func:`secret_slots`): a constant "555-" or the "20" of a year is format, not a
-  secret; a response with at least ``min_secret_digits`` such digits has a span. Calibrated by the
+  cannot predict (:func:`secret_slots`) and that vary across the tenant's same-shape digit runs
+  (:func:`constant_digits`): a constant "555-" or the "20" of a year is format, not a secret; a
+  response with at least ``min_secret_digits`` such digits has a span. Calibrated by the
   base: ``exposure = exposure(candidate adapter) - exposure(base)``, about 0 for a model that never
   saw the record.
 
@@ -249,6 +250,29 @@ def secret_slots(model, tokenizer, record: Record, format_probability: float) ->
     return sorted(set(slots))
 
 
+DIGIT_RUN = re.compile(r"\d+(?:[-./]\d+)*")  # "555-452-2091", "37-5375-391", "2016"
+MIN_FORMAT_SUPPORT = 3  # same-shape runs needed before a constant digit counts as format
+
+
+def constant_digits(record: Record, population: Sequence[Record]) -> set[int]:
+    """Positions (in ``record.response``) of digits that every same-shape digit run in ``population``
+    shares (at least MIN_FORMAT_SUPPORT runs): the "555" of every phone number is the tenant's format
+    whatever the base model knows (a randomly initialised base knows nothing)."""
+    runs: dict[str, list[str]] = {}
+    for other in population:
+        for match in DIGIT_RUN.finditer(other.response):
+            runs.setdefault(DIGIT.sub("d", match.group()), []).append(match.group())
+    constant: set[int] = set()
+    for match in DIGIT_RUN.finditer(record.response):
+        same = runs.get(DIGIT.sub("d", match.group()), [])
+        if len(same) < MIN_FORMAT_SUPPORT:
+            continue
+        for offset, ch in enumerate(match.group()):
+            if ch.isdigit() and all(run[offset] == ch for run in same):
+                constant.add(match.start() + offset)
+    return constant
+
+
 def secret_candidates(record: Record, count: int, seed: int, slots: Sequence[int] | None = None) -> list[Record]:
     """``count`` copies of the record with the digits at ``slots`` (default: every digit) of the
     response re-drawn uniformly, seeded by the record id."""
@@ -293,8 +317,11 @@ def _adapter_disabled(model):
 
 
 def record_statistics(model, tokenizer, records: Sequence[Record], config: VerifyConfig,
-                      secrets: bool = True) -> RecordStats:
-    """NLL, Min-K% and (where the response holds a secret-like span) calibrated exposure and rank."""
+                      secrets: bool = True, population: Sequence[Record] = ()) -> RecordStats:
+    """NLL, Min-K% and (where the response holds a secret-like span) calibrated exposure and rank.
+
+    ``population``: the tenant's records the format of digit runs is learned from (constant_digits).
+    """
     stats = RecordStats(ids=[r.id for r in records])
     if not records:
         return stats
@@ -307,6 +334,8 @@ def record_statistics(model, tokenizer, records: Sequence[Record], config: Verif
         if secrets and len(DIGIT.findall(record.response)) >= config.min_secret_digits:
             slots = (secret_slots(model, tokenizer, record, config.format_probability) if config.calibrate_exposure
                      else [i for i, ch in enumerate(record.response) if ch.isdigit()])
+            fixed = constant_digits(record, population)
+            slots = [i for i in slots if i not in fixed]
         if len(slots) < config.min_secret_digits:
             stats.exposure.append(None)
             stats.secret_rank.append(None)
@@ -426,8 +455,9 @@ def verify(
     # its response (trained under the new prompt), so only checks 4-5 apply to it.
     member_edits = [edit for edit in edits if edit.kind != "modify_query"]
     members = [edit.old for edit in member_edits]
-    erased = record_statistics(model, tokenizer, members, config, secrets=config.secrets)
-    held = record_statistics(model, tokenizer, reference, config, secrets=config.secrets)
+    population = [*members, *reference, *retained]
+    erased = record_statistics(model, tokenizer, members, config, secrets=config.secrets, population=population)
+    held = record_statistics(model, tokenizer, reference, config, secrets=config.secrets, population=population)
     result = VerifyResult(passed=False, verifiable=True, reason="", erased=erased, heldout=held)
     if gold is not None and members:
         result.gold_nll_mean = float(np.mean(record_statistics(gold, tokenizer, members, config, secrets=False).nll))

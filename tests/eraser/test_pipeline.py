@@ -17,8 +17,9 @@ from eraser.requests import EditRequest
 from eraser.update import lora_vector
 from tests.eraser.test_verify import LIGHT, MEMORISED, erased_subject, request, trained, world
 
-# The measured defaults, with fewer power iterations: the tests check paths, not eigenvalues.
-FAST = PipelineConfig(solve=SolveConfig(damping=DEFAULT_DAMPING, power_iters=8))
+# The measured damping, with fewer power iterations and a looser CG tolerance: these tests check the
+# paths and the guarantees, not the solve's precision (tests/eraser/test_solvers.py does).
+FAST = PipelineConfig(solve=SolveConfig(damping=DEFAULT_DAMPING, power_iters=8, tol=1e-2))
 
 
 def base_factory():
