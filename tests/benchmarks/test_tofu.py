@@ -32,7 +32,7 @@ def tiny_run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tofu-bench")
     options = Options(**{**PRESETS["tiny"], "out": str(root / "out"), "cache_dir": str(root / "cache"),
-                         "methods": ("original", "gold", "ours", "paper-code")})
+                         "methods": ("original", "gold", "ours", "paper-code", "ga")})
     return run(options, ["test"]), root / "out"
 
 
@@ -81,7 +81,7 @@ def test_gold_against_itself_and_the_original(tiny_run):
 def test_outputs_are_written(tiny_run):
     document, out = tiny_run
     saved = json.loads((out / "results.json").read_text())
-    assert saved["command"] == "test" and saved["versions"]["torch"] and len(saved["rows"]) == 4
+    assert saved["command"] == "test" and saved["versions"]["torch"] and len(saved["rows"]) == 5
     assert {"requests", "scaling"} <= set(saved["summary"])
     table = (out / "results.md").read_text()
     assert "| gold |" in table and "## Targets" in table
