@@ -2,8 +2,10 @@
 
 Question asked: could an attacker who sees the candidate adapter tell the erased records from records
 the adapter never trained on? The reference population is the tenant's *held-out split*
-(:func:`split_heldout`, set aside at onboarding, never trained on by any adapter version) and, where a
-benchmark has it, the erased records under the adapter retrained without them (the gold).
+(:func:`split_heldout`, set aside at onboarding, never trained on by any adapter version). Where a
+benchmark has the adapter retrained without the erased records (the gold), ``verify(gold=...)``
+reports its NLL on them next to the candidate's; it takes no part in the decision (production has
+no gold).
 
 Per-record statistics (one forward pass per record, :func:`record_statistics`):
 - ``nll``: the response NLL, :func:`eraser.records.losses_from_logits` (THE loss);
