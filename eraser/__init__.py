@@ -10,14 +10,29 @@ from eraser.errors import (
     SolverNotConvergedError,
     StaleCurvatureError,
     UnknownRecordError,
+    VerificationFailedError,
+    VerificationUnavailableError,
 )
 from eraser.influence import InfluenceSystem, Shard, SolveConfig
+from eraser.pipeline import ErasureOutcome, PipelineConfig, verified_erase
 from eraser.records import Record, load_records, record_losses, save_records
 from eraser.requests import Edit, EditRequest, apply_edits, build_edits, merge_edits
 from eraser.solvers import LowRankCurvature, SolverReport
+from eraser.remediate import RemediationConfig
 from eraser.training import TrainConfig, add_lora, train_lora
+from eraser.verify import VerifyConfig, VerifyResult, split_heldout, verify
 
 __all__ = [
+    "ErasureOutcome",
+    "PipelineConfig",
+    "RemediationConfig",
+    "VerificationFailedError",
+    "VerificationUnavailableError",
+    "VerifyConfig",
+    "VerifyResult",
+    "split_heldout",
+    "verified_erase",
+    "verify",
     "AdapterMismatchError",
     "Edit",
     "EditRequest",
