@@ -277,6 +277,7 @@ class Runner:
 
         from benchmarks.tofu_setup import set_lora
 
+        set_lora(self.subject, size["theta_orig"])  # the state belongs to the original adapter
         shared = config.solver == "eigen"
         key = (size["authors"], "eigen-cache" if shared else method)
         if key in self.systems and shared:
@@ -285,7 +286,6 @@ class Runner:
                                      cache=cached_system.curvature_cache())
             return system, cost
         if key not in self.systems:
-            set_lora(self.subject, size["theta_orig"])
             started, cpu_started = time.perf_counter(), time.process_time()
             system = InfluenceSystem(self.subject, self.bench.tokenizer, size["records_list"], config)
             if config.solver == "eigen":
