@@ -21,6 +21,7 @@ import logging
 import os
 import threading
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -243,9 +244,13 @@ def run_demo(config: DemoConfig, on_stage: Callable[[str], None] | None = None) 
         stack.callback(ray.shutdown)
         stack.callback(serve.shutdown)
         _run_steps(config, settings, report, base_dir, keys, records)
+    except BaseException as error:  # the report says what stopped the demo (Ctrl-C included)
+        report.add("demo stopped by an error", False, error=f"{type(error).__name__}: {error}",
+                   traceback=traceback.format_exc()[-4000:])
+        raise
     finally:
         stack.close()
-    (config.workdir / "demo-report.json").write_text(json.dumps(report.to_dict(), indent=2, default=str))
+        (config.workdir / "demo-report.json").write_text(json.dumps(report.to_dict(), indent=2, default=str))
     return report
 
 
