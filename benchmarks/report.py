@@ -156,7 +156,8 @@ def markdown(document: dict) -> str:
     lines = ["# TOFU benchmark", "",
              f"`{document['command']}`", "",
              f"{document['machine']['cpus']} CPUs, load average at the end {document['machine']['load_average']}, "
-             f"{document['options']['threads']} torch thread(s); {document['elapsed_s']:.0f}s in all. "
+             f"{document['options']['threads']} torch thread(s); {document['elapsed_s']:.0f}s in all"
+             + (f" ({document['cpu_s']:.0f} CPU s)" if document.get("cpu_s") else "") + ". "
              f"Versions: {', '.join(f'{k} {v}' for k, v in document['versions'].items() if k not in ('git_dirty',))}.",
              ""]
     base = document.get("base") or {}

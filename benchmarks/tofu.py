@@ -489,6 +489,7 @@ class Runner:
             "recipe": self.recipe.to_dict() if hasattr(self, "recipe") else None,
             "targets": FIDELITY_TARGETS,
             "elapsed_s": self.elapsed(),
+            "cpu_s": time.process_time(),
             "skipped": self.skipped,
             "rows": self.rows,
         }
