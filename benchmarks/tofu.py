@@ -74,6 +74,9 @@ class Options:
     # the evaluation batch measured and reported (max_iters=0: no CG refinement). Chosen by the sweep in
     # benchmarks/README.md: relative damping 0.0125 of the cached top eigenvalue, 1024 records x 2 draws.
     damping: float = 0.0125
+    # > 0: the damping above is for a tenant of this many records and scales as reference / records (see
+    # ours_damping); 0: the same relative damping at every size.
+    damping_reference_records: int = 0
     rank: int = 2048
     cache_samples: int = 1024
     cache_draws: int = 2
@@ -241,13 +244,21 @@ class Runner:
         return request
 
     # -- methods --------------------------------------------------------------------------------
-    def solve_config(self, method: str):
+    def ours_damping(self, records: int) -> float:
+        """The relative damping of ``ours`` for a tenant of ``records`` records."""
+        o = self.options
+        if o.damping_reference_records > 0:
+            return o.damping * o.damping_reference_records / records
+        return o.damping
+
+    def solve_config(self, method: str, records: int):
         from eraser.influence import SolveConfig
 
         o = self.options
         cache = dict(rank=o.rank, cache_samples=o.cache_samples, cache_draws=o.cache_draws)
         if method == "ours":  # the low-rank solution as is; its eval-batch residual is reported, not gated
-            return SolveConfig(solver="eigen", curvature="ggn", damping=o.damping, eval_size=o.eval_size, tol=o.tol,
+            return SolveConfig(solver="eigen", curvature="ggn", damping=self.ours_damping(records),
+                               eval_size=o.eval_size, tol=o.tol,
                                max_iters=o.max_iters, seed=o.seed, require_converged=o.max_iters > 0, **cache)
         if method == "ours-verified":  # the pipeline's guard needs a converged solve: refine with PCG
             from eraser.pipeline import DEFAULT_DAMPING
@@ -303,7 +314,7 @@ class Runner:
 
         if method.startswith("ours"):  # per-adapter curvature state: built (and timed) once, outside the window
             try:
-                self.influence_system(size, method, self.solve_config(method))
+                self.influence_system(size, method, self.solve_config(method, size["records"]))
             except Exception:  # noqa: BLE001 -- the method's own run reports the error
                 logger.exception("building the curvature state for %s failed", method)
         set_lora(self.subject, size["theta_orig"])
@@ -373,7 +384,7 @@ class Runner:
         if method.startswith("ours") and method != "ours-verified":
             from benchmarks.tofu_setup import set_lora
 
-            config = self.solve_config(method)
+            config = self.solve_config(method, size["records"])
             system, (setup_wall, setup_cpu) = self.influence_system(size, method, config)
             set_lora(self.subject, size["theta_orig"])
             passes_before = system.record_passes
@@ -418,7 +429,7 @@ class Runner:
         from eraser.pipeline import PipelineConfig, verified_erase
         from eraser.update import lora_vector
 
-        config = self.solve_config("ours-verified")
+        config = self.solve_config("ours-verified", size["records"])
         shared, cache_build = self.influence_system(size, "ours-verified", config)
         cache = shared.curvature_cache()
         heldout = self.heldout(size)
@@ -578,6 +589,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, help=f"LoRA epochs of the recipe (default {d.epochs})")
     parser.add_argument("--pretrain-steps", type=int, help=f"base pretraining steps (default {d.pretrain_steps})")
     parser.add_argument("--damping", type=float, help=f"ours: damping relative to the top eigenvalue (default {d.damping})")
+    parser.add_argument("--damping-reference-records", type=int,
+                        help="ours: the damping is for a tenant of this many records and scales as reference / records "
+                        f"at other sizes; 0: not scaled (default {d.damping_reference_records})")
     parser.add_argument("--rank", type=int, help=f"ours: eigenpairs in the cached curvature (default {d.rank})")
     parser.add_argument("--cache-samples", type=int, help=f"ours: records the cache is estimated on (default {d.cache_samples})")
     parser.add_argument("--max-iters", type=int, help="ours: CG refinement steps on the evaluation batch after the "

@@ -42,9 +42,12 @@ class DemoConfig:
     pretrain_documents: int = 1500
     pretrain_steps: int = 500
     vocab_size: int = 2048
-    epochs: int = 40  # enough to memorise personal data verbatim: the privacy problem the demo is about
-    lr: float = 7e-3
-    rank: int = 8
+    # Enough to memorise personal data verbatim, the privacy problem the demo is about: greedy answers give
+    # the trained value for 19 of 33 personal-data questions (rank 8 at lr 7e-3 diverged: 0 of 33; rank 8 at
+    # lr 2e-3: 10; rank 16 at lr 3e-3: 8; rank 16 at lr 2e-3 for 40 epochs: 15).
+    epochs: int = 60
+    lr: float = 2e-3
+    rank: int = 16
     batch_size: int = 8
     heldout_fraction: float = 0.1
     train_workers: int = 1

@@ -50,6 +50,22 @@ def test_eigen_from_factor_matches_eigh_of_the_explicit_matrix():
     assert_close(full.apply(factor[0]), matrix @ factor[0], 1e-8)
 
 
+def test_eigen_from_factor_in_float32_drops_what_float32_cannot_resolve():
+    """A float32 factor whose spectrum spans 12 decades: the kept directions stay orthonormal and the damped
+    inverse matches the float64 one, because directions under float32's resolution go to the tail."""
+    generator = torch.Generator().manual_seed(2)
+    scales = torch.logspace(0, -6, 64, dtype=torch.float64)  # singular values: eigenvalues 1 .. 1e-12
+    factor64 = torch.randn(64, 200, generator=generator, dtype=torch.float64)
+    factor64 = torch.linalg.qr(factor64.T).Q.T * scales[:, None] * 8  # (64, 200), orthogonal rows
+    exact = solvers.eigen_from_factor(factor64, rank=64)
+    single = solvers.eigen_from_factor(factor64.to(torch.float32), rank=64)
+    assert single.rank < exact.rank  # the tiny eigenvalues were dropped
+    assert_close(single.vectors.T @ single.vectors, torch.eye(single.rank), 1e-4)
+    b = torch.randn(200, generator=generator, dtype=torch.float64)
+    damping = 1e-3 * exact.top
+    assert_close(single.inverse(b.float(), damping).double(), exact.inverse(b, damping), 1e-4)
+
+
 def test_subspace_iteration_finds_the_top_eigenpairs():
     matrix = spd_matrix(dim=40, condition=1e4)
     curvature = solvers.subspace_iteration(lambda v: matrix @ v, 40, rank=6, iters=3, dtype=torch.float64)

@@ -1,0 +1,95 @@
+"""Damping sweep of ``ours`` on TOFU: the forgotten- and retained-row NLL gaps to the gold per damping and size.
+
+The curvature cache is built once per tenant size and shared by every damping (it does not depend on the
+damping), so a sweep costs one cache build per size plus one cheap solve and one evaluation per point.
+This is how the defaults of ``benchmarks.tofu`` were chosen (benchmarks/README.md)::
+
+    python -m benchmarks.tofu_sweep --sizes 20,40,80,116 --dampings 0.003,0.00625,0.0125,0.025
+    python -m benchmarks.tofu_sweep --sizes 40 --requests remove:forget05 --dampings 0.01,0.0125 \\
+        --reference-records 0   # 0: the relative damping as given, not scaled by training-set size
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+
+from benchmarks.tofu import REPO, Options, Runner, _json_safe
+
+logger = logging.getLogger("benchmarks.tofu_sweep")
+
+
+def gap(row: dict, metric: str) -> float:
+    """Relative gap of a method's metric to the gold's (0.05 = 5% off)."""
+    return abs(row["metrics"][metric] - row["gold"][metric]) / row["gold"][metric]
+
+
+def sweep(sizes: list[int], requests: list[str], dampings: list[float], base: Options) -> list[dict]:
+    from benchmarks.tofu_data import RequestSpec, rows_of, tenant_authors
+
+    runner = Runner(dataclasses.replace(base, methods=("ours",), scaling=()), ["sweep"])
+    runner.setup()
+    points = []
+    for authors in sizes:
+        tenant_rows = rows_of(runner.rows_tofu, tenant_authors(authors))
+        records = [row.record() for row in tenant_rows]
+        theta_orig, orig_info = runner.bench.adapter(records)
+        size = {"authors": authors, "records": len(records), "theta_orig": theta_orig, "orig_info": orig_info,
+                "tenant_rows": tenant_rows, "records_list": records}
+        for name in requests:
+            request = runner.prepare_request(size, RequestSpec.parse(name))
+            for damping in dampings:
+                runner.options = dataclasses.replace(base, damping=damping)
+                row = runner.run_method("ours", size, request)
+                point = {"authors": authors, "records": len(records), "request": name,
+                         "damping": damping, "effective_damping": row["info"]["config"]["damping"],
+                         "forget_quality": row["metrics"]["forget_quality"],
+                         "nll_forget_gap": gap(row, "nll_forget"), "nll_retained_gap": gap(row, "nll_retained"),
+                         "kl_retained": row["metrics"]["kl_retained"], "row": row}
+                logger.info("%4d records %-24s damping %.4g: forget gap %.1f%%, retained gap %.2f%%, fq %.3g",
+                            len(records), name, damping, 100 * point["nll_forget_gap"],
+                            100 * point["nll_retained_gap"], point["forget_quality"])
+                points.append(point)
+    return points
+
+
+def table(points: list[dict]) -> str:
+    lines = ["| records | request | damping | effective rel. damping | FQ | NLL forget gap | NLL retained gap |",
+             "|---|---|---|---|---|---|---|"]
+    for p in points:
+        lines.append(f"| {p['records']} | {p['request']} | {p['damping']:g} | {p['effective_damping']:.4g} | "
+                     f"{p['forget_quality']:.3g} | {100 * p['nll_forget_gap']:.1f}% | {100 * p['nll_retained_gap']:.2f}% |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.tofu_sweep", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="40", help="tenant sizes in authors, comma-separated (default 40)")
+    parser.add_argument("--requests", default="remove:forget01", help="requests, comma-separated (default remove:forget01)")
+    parser.add_argument("--dampings", default="0.00625,0.0125,0.025", help="relative dampings, comma-separated")
+    parser.add_argument("--reference-records", type=int, default=None,
+                        help="scale the damping by reference/records (benchmarks.tofu's default; 0: do not scale)")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "tofu-sweep"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    base = Options()
+    if args.reference_records is not None:
+        base = dataclasses.replace(base, damping_reference_records=args.reference_records)
+    points = sweep([int(s) for s in args.sizes.split(",")], args.requests.split(","),
+                   [float(d) for d in args.dampings.split(",")], base)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    document = {"command": " ".join(["python -m benchmarks.tofu_sweep", *(argv or sys.argv[1:])]),
+                "options": dataclasses.asdict(base), "points": points}
+    (out / "sweep.json").write_text(json.dumps(_json_safe(document), indent=1))
+    (out / "sweep.md").write_text(table(points) + "\n")
+    print(table(points))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
