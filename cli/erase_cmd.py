@@ -11,10 +11,12 @@ from pathlib import Path
 
 def add_solver_arguments(parser: argparse.ArgumentParser) -> None:
     from eraser.pipeline import PipelineConfig
+    from eraser.solvers import SOLVERS
 
     defaults = PipelineConfig().solve  # the verified pipeline's measured defaults
-    parser.add_argument("--solver", choices=("cg", "sgd", "lissa"), default=defaults.solver,
-                        help=f"inverse-HVP solver (default {defaults.solver})")
+    parser.add_argument("--solver", choices=SOLVERS, default=defaults.solver,
+                        help=f"inverse-HVP solver; eigen: CG preconditioned by the adapter's cached low-rank "
+                        f"curvature (default {defaults.solver})")
     parser.add_argument("--curvature", choices=("ggn", "hessian"), default=defaults.curvature,
                         help=f"Gauss-Newton (PSD) or exact Hessian (default {defaults.curvature})")
     parser.add_argument("--damping", type=float, default=defaults.damping,

@@ -28,6 +28,7 @@ from pydantic import ValidationError
 
 from eraser.influence import SolveConfig
 from eraser.pipeline import PipelineConfig
+from eraser.solvers import SOLVERS
 from tenants.errors import TenantError
 from tenants.models import ErasureRequest, Receipt
 from tenants.settings import StoreSettings
@@ -242,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--strict", action="store_true", help="exit 1 when any request is rejected too")
     parser.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
     defaults = PipelineConfig().solve
-    parser.add_argument("--solver", choices=("cg", "sgd", "lissa"), default=defaults.solver)
+    parser.add_argument("--solver", choices=SOLVERS, default=defaults.solver)
     parser.add_argument("--curvature", choices=("ggn", "hessian"), default=defaults.curvature)
     parser.add_argument("--damping", type=float, default=defaults.damping, help="relative to the top eigenvalue")
     parser.add_argument("--tol", type=float, default=None)
