@@ -299,10 +299,29 @@ def plots(document: dict, out: Path) -> list[Path]:
     return written
 
 
+def compact(document: dict) -> str:
+    """One table of every row with the headline metrics (the one in benchmarks/README.md and README.md)."""
+    lines = ["| request (records) | method | FQ | NLL forget (gold) | NLL retained (gold) | KL forget | KL retained "
+             "| CPU s | speed-up (CPU) | notes |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for (authors, request), methods in sorted(groups(document).items(),
+                                              key=lambda kv: (kv[0][0] != document["options"]["authors"], kv[0][0])):
+        for method, row in methods.items():
+            m, gold = row["metrics"], row["gold"]
+            lines.append(f"| {request} ({row['records']}) | {method} | {_fmt(m['forget_quality'])} | "
+                         f"{_fmt(m['nll_forget'])} ({_fmt(gold['nll_forget'])}) | "
+                         f"{_fmt(m['nll_retained'], 4)} ({_fmt(gold['nll_retained'], 4)}) | {_fmt(m['kl_forget'])} | "
+                         f"{_fmt(m['kl_retained'])} | {_fmt(row.get('cpu_time_s'))} | {_fmt(row.get('speedup_cpu'))} | "
+                         f"{_note(row)} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     source = Path(sys.argv[1])
     doc = json.loads(source.read_text())
     doc["summary"] = summarize(doc)
+    if "--compact" in sys.argv[2:]:  # print the README table only
+        print(compact(doc))
+        sys.exit(0)
     (source.parent / "results.md").write_text(markdown(doc))
     plots(doc, source.parent)
     print(markdown(doc))

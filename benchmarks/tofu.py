@@ -43,6 +43,7 @@ SCALING_METHODS = ("original", "gold", "ours")
 # pipeline's remediation or retrain fallback a retrain's worth: by default they run on the first request only,
 # so that the default run takes about 20 minutes of one core (--solvers-on all: on every request).
 SOLVER_COMPARISON = ("ours-verified", "ours-pcg", "ours-cg", "ours-sgd", "ours-cg-hessian")
+HELDOUT_AUTHORS = 4  # TOFU authors no model trains on: the membership test's and GA/NPO's reference
 FIDELITY_TARGETS = {"forget_quality_min": 0.05, "nll_forget_rel_max": 0.10, "nll_retained_rel_max": 0.02,
                     "speedup_min": 10.0}
 
@@ -55,7 +56,7 @@ class Options:
     requests: tuple[str, ...] = ("remove:forget01", "remove:forget05", "correct_response:forget01",
                                  "modify_query:forget01")
     methods: tuple[str, ...] = DEFAULT_METHODS
-    scaling: tuple[int, ...] = (20, 80)  # extra tenant sizes (authors) for the time-vs-size curve
+    scaling: tuple[int, ...] = (20, 80, 116)  # extra tenant sizes (authors) for the time-vs-size curve
     scaling_request: str = "remove:forget01"
     solvers_on: str = "first"  # first | all: requests the SOLVER_COMPARISON methods run on
     seed: int = 0
@@ -71,12 +72,14 @@ class Options:
     pretrain_authors: int = 80
     pretrain_steps: int = 600
     # ours (solver "eigen"): the cached low-rank Gauss-Newton curvature's Woodbury solution, its residual on
-    # the evaluation batch measured and reported (max_iters=0: no CG refinement). Chosen by the sweep in
-    # benchmarks/README.md: relative damping 0.0125 of the cached top eigenvalue, 1024 records x 2 draws.
-    damping: float = 0.0125
-    # > 0: the damping above is for a tenant of this many records and scales as reference / records (see
-    # ours_damping); 0: the same relative damping at every size.
-    damping_reference_records: int = 0
+    # the evaluation batch measured and reported (max_iters=0: no CG refinement), 1024 records x 2 draws.
+    # Relative damping: ``damping`` for a request that edits ``damping_reference_fraction`` of the training
+    # records, growing as (edited fraction / reference) ** damping_fraction_exponent (0: constant): a larger
+    # edit takes a longer step, over which the quadratic model of the loss holds less well, the reason
+    # trust-region methods damp more. Fitted on the sweep in benchmarks/README.md.
+    damping: float = 0.009
+    damping_reference_fraction: float = 0.05
+    damping_fraction_exponent: float = 0.35
     rank: int = 2048
     cache_samples: int = 1024
     cache_draws: int = 2
@@ -104,8 +107,11 @@ class Options:
         unknown = [m for m in self.methods if m not in ALL_METHODS]
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; choose from {ALL_METHODS}")
-        if self.authors + self.pretrain_authors > 200 or any(s + self.pretrain_authors > 200 for s in self.scaling):
-            raise ValueError(f"tenant authors + pretraining authors ({self.pretrain_authors}) must be <= 200")
+        # TOFU has 200 authors: the base's, the tenant's, and 4 that no model sees (the held-out reference).
+        most = 200 - HELDOUT_AUTHORS - self.pretrain_authors
+        if max((self.authors, *self.scaling)) > most:
+            raise ValueError(f"at most {most} tenant authors: TOFU's 200 less {self.pretrain_authors} pretraining "
+                             f"and {HELDOUT_AUTHORS} held-out authors")
 
 
 PRESETS = {
@@ -244,20 +250,18 @@ class Runner:
         return request
 
     # -- methods --------------------------------------------------------------------------------
-    def ours_damping(self, records: int) -> float:
-        """The relative damping of ``ours`` for a tenant of ``records`` records."""
+    def ours_damping(self, fraction: float) -> float:
+        """The relative damping of ``ours`` for a request that edits ``fraction`` of the training records."""
         o = self.options
-        if o.damping_reference_records > 0:
-            return o.damping * o.damping_reference_records / records
-        return o.damping
+        return o.damping * (fraction / o.damping_reference_fraction) ** o.damping_fraction_exponent
 
-    def solve_config(self, method: str, records: int):
+    def solve_config(self, method: str, fraction: float):
         from eraser.influence import SolveConfig
 
         o = self.options
         cache = dict(rank=o.rank, cache_samples=o.cache_samples, cache_draws=o.cache_draws)
         if method == "ours":  # the low-rank solution as is; its eval-batch residual is reported, not gated
-            return SolveConfig(solver="eigen", curvature="ggn", damping=self.ours_damping(records),
+            return SolveConfig(solver="eigen", curvature="ggn", damping=self.ours_damping(fraction),
                                eval_size=o.eval_size, tol=o.tol,
                                max_iters=o.max_iters, seed=o.seed, require_converged=o.max_iters > 0, **cache)
         if method == "ours-verified":  # the pipeline's guard needs a converged solve: refine with PCG
@@ -314,7 +318,7 @@ class Runner:
 
         if method.startswith("ours"):  # per-adapter curvature state: built (and timed) once, outside the window
             try:
-                self.influence_system(size, method, self.solve_config(method, size["records"]))
+                self.influence_system(size, method, self.solve_config(method, len(request.edits) / size["records"]))
             except Exception:  # noqa: BLE001 -- the method's own run reports the error
                 logger.exception("building the curvature state for %s failed", method)
         set_lora(self.subject, size["theta_orig"])
@@ -384,7 +388,7 @@ class Runner:
         if method.startswith("ours") and method != "ours-verified":
             from benchmarks.tofu_setup import set_lora
 
-            config = self.solve_config(method, size["records"])
+            config = self.solve_config(method, len(request.edits) / size["records"])
             system, (setup_wall, setup_cpu) = self.influence_system(size, method, config)
             set_lora(self.subject, size["theta_orig"])
             passes_before = system.record_passes
@@ -429,7 +433,7 @@ class Runner:
         from eraser.pipeline import PipelineConfig, verified_erase
         from eraser.update import lora_vector
 
-        config = self.solve_config("ours-verified", size["records"])
+        config = self.solve_config("ours-verified", len(request.edits) / size["records"])
         shared, cache_build = self.influence_system(size, "ours-verified", config)
         cache = shared.curvature_cache()
         heldout = self.heldout(size)
@@ -453,7 +457,7 @@ class Runner:
         of the membership test and of the baselines' stopping rule)."""
         from benchmarks.tofu_data import rows_of
 
-        unused = list(range(self.options.pretrain_authors, 200 - size["authors"]))[:4]
+        unused = list(range(self.options.pretrain_authors, 200 - size["authors"]))[:HELDOUT_AUTHORS]
         return [row.record() for row in rows_of(self.rows_tofu, unused)]
 
     # -- metrics --------------------------------------------------------------------------------
@@ -589,9 +593,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, help=f"LoRA epochs of the recipe (default {d.epochs})")
     parser.add_argument("--pretrain-steps", type=int, help=f"base pretraining steps (default {d.pretrain_steps})")
     parser.add_argument("--damping", type=float, help=f"ours: damping relative to the top eigenvalue (default {d.damping})")
-    parser.add_argument("--damping-reference-records", type=int,
-                        help="ours: the damping is for a tenant of this many records and scales as reference / records "
-                        f"at other sizes; 0: not scaled (default {d.damping_reference_records})")
+    parser.add_argument("--damping-reference-fraction", type=float,
+                        help="ours: --damping is for a request editing this fraction of the training records "
+                        f"(default {d.damping_reference_fraction})")
+    parser.add_argument("--damping-fraction-exponent", type=float,
+                        help="ours: the damping grows as (edited fraction / reference) ** exponent; 0: constant "
+                        f"(default {d.damping_fraction_exponent})")
     parser.add_argument("--rank", type=int, help=f"ours: eigenpairs in the cached curvature (default {d.rank})")
     parser.add_argument("--cache-samples", type=int, help=f"ours: records the cache is estimated on (default {d.cache_samples})")
     parser.add_argument("--max-iters", type=int, help="ours: CG refinement steps on the evaluation batch after the "

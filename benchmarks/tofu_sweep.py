@@ -4,9 +4,8 @@ The curvature cache is built once per tenant size and shared by every damping (i
 damping), so a sweep costs one cache build per size plus one cheap solve and one evaluation per point.
 This is how the defaults of ``benchmarks.tofu`` were chosen (benchmarks/README.md)::
 
-    python -m benchmarks.tofu_sweep --sizes 20,40,80,116 --dampings 0.003,0.00625,0.0125,0.025
-    python -m benchmarks.tofu_sweep --sizes 40 --requests remove:forget05 --dampings 0.01,0.0125 \\
-        --reference-records 0   # 0: the relative damping as given, not scaled by training-set size
+    python -m benchmarks.tofu_sweep --sizes 20,40,80,116 --dampings 0.003,0.0045,0.00625,0.009,0.0125,0.018,0.025
+    python -m benchmarks.tofu_sweep --sizes 80,116 --requests remove:forget10 --rule   # the default rule
 """
 
 from __future__ import annotations
@@ -24,8 +23,8 @@ logger = logging.getLogger("benchmarks.tofu_sweep")
 
 
 def gap(row: dict, metric: str) -> float:
-    """Relative gap of a method's metric to the gold's (0.05 = 5% off)."""
-    return abs(row["metrics"][metric] - row["gold"][metric]) / row["gold"][metric]
+    """Signed relative gap of a method's metric to the gold's (-0.05: 5% below the gold's)."""
+    return (row["metrics"][metric] - row["gold"][metric]) / row["gold"][metric]
 
 
 def sweep(sizes: list[int], requests: list[str], dampings: list[float], base: Options) -> list[dict]:
@@ -50,7 +49,7 @@ def sweep(sizes: list[int], requests: list[str], dampings: list[float], base: Op
                          "forget_quality": row["metrics"]["forget_quality"],
                          "nll_forget_gap": gap(row, "nll_forget"), "nll_retained_gap": gap(row, "nll_retained"),
                          "kl_retained": row["metrics"]["kl_retained"], "row": row}
-                logger.info("%4d records %-24s damping %.4g: forget gap %.1f%%, retained gap %.2f%%, fq %.3g",
+                logger.info("%4d records %-24s damping %.4g: forget gap %+.1f%%, retained gap %+.2f%%, fq %.3g",
                             len(records), name, damping, 100 * point["nll_forget_gap"],
                             100 * point["nll_retained_gap"], point["forget_quality"])
                 points.append(point)
@@ -58,11 +57,12 @@ def sweep(sizes: list[int], requests: list[str], dampings: list[float], base: Op
 
 
 def table(points: list[dict]) -> str:
-    lines = ["| records | request | damping | effective rel. damping | FQ | NLL forget gap | NLL retained gap |",
+    lines = ["| records | request | damping | effective rel. damping | FQ | NLL forget vs gold | NLL retained vs gold |",
              "|---|---|---|---|---|---|---|"]
     for p in points:
         lines.append(f"| {p['records']} | {p['request']} | {p['damping']:g} | {p['effective_damping']:.4g} | "
-                     f"{p['forget_quality']:.3g} | {100 * p['nll_forget_gap']:.1f}% | {100 * p['nll_retained_gap']:.2f}% |")
+                     f"{p['forget_quality']:.3g} | {100 * gap(p['row'], 'nll_forget'):+.1f}% | "
+                     f"{100 * gap(p['row'], 'nll_retained'):+.2f}% |")
     return "\n".join(lines)
 
 
@@ -71,16 +71,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="40", help="tenant sizes in authors, comma-separated (default 40)")
     parser.add_argument("--requests", default="remove:forget01", help="requests, comma-separated (default remove:forget01)")
     parser.add_argument("--dampings", default="0.00625,0.0125,0.025", help="relative dampings, comma-separated")
-    parser.add_argument("--reference-records", type=int, default=None,
-                        help="scale the damping by reference/records (benchmarks.tofu's default; 0: do not scale)")
+    parser.add_argument("--rule", action="store_true",
+                        help="evaluate benchmarks.tofu's damping rule (damping grows with the edited fraction) "
+                        "instead of the constant --dampings")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "tofu-sweep"))
+    parser.add_argument("--render", metavar="SWEEP_JSON", nargs="+", help="print the table of earlier sweeps and exit")
     args = parser.parse_args(argv)
+    if args.render:
+        print(table([p for path in args.render for p in json.loads(Path(path).read_text())["points"]]))
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    base = Options()
-    if args.reference_records is not None:
-        base = dataclasses.replace(base, damping_reference_records=args.reference_records)
-    points = sweep([int(s) for s in args.sizes.split(",")], args.requests.split(","),
-                   [float(d) for d in args.dampings.split(",")], base)
+    base = Options() if args.rule else dataclasses.replace(Options(), damping_fraction_exponent=0.0)
+    dampings = [base.damping] if args.rule else [float(d) for d in args.dampings.split(",")]
+    points = sweep([int(s) for s in args.sizes.split(",")], args.requests.split(","), dampings, base)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     document = {"command": " ".join(["python -m benchmarks.tofu_sweep", *(argv or sys.argv[1:])]),
