@@ -86,6 +86,30 @@ def test_outputs_are_written(tiny_run):
     table = (out / "results.md").read_text()
     assert "| gold |" in table and "## Targets" in table
     assert (out / "fidelity.png").stat().st_size > 0 and (out / "scaling.png").stat().st_size > 0
+    from benchmarks.report import compact
+
+    lines = compact(saved).splitlines()
+    assert len(lines) == 2 + 5 and "| remove:forget01 (60) | gold | 1.000 |" in compact(saved)
+
+
+def test_ours_damping_grows_with_the_edited_fraction(tiny_run):
+    """The rule of benchmarks/README.md: the damping at the reference fraction, (f / ref) ** exponent away from
+    it, constant with exponent 0; and the tiny run's ``ours`` used it for its request."""
+    from dataclasses import replace
+
+    from benchmarks.tofu import Options, Runner
+
+    runner = Runner(Options(damping=0.01, damping_reference_fraction=0.05, damping_fraction_exponent=0.5), ["test"])
+    assert runner.ours_damping(0.05) == pytest.approx(0.01)
+    assert runner.ours_damping(0.2) == pytest.approx(0.02)
+    runner.options = replace(runner.options, damping_fraction_exponent=0.0)
+    assert runner.ours_damping(0.2) == pytest.approx(0.01)
+    document, _ = tiny_run
+    ours = rows_by_method(document)["ours"]
+    fraction = ours["forgotten_records"] / ours["records"]
+    options = Options(**{k: v for k, v in document["options"].items() if k in Options.__dataclass_fields__
+                         and not isinstance(v, list)})
+    assert ours["info"]["config"]["damping"] == pytest.approx(Runner(options).ours_damping(fraction))
 
 
 def test_truth_ratio_and_forget_quality_by_hand(tofu, tiny_run):
