@@ -12,8 +12,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from eraser.metrics import output_kl, relative_distance
-from eraser.records import Record, format_prompt, per_record_losses
+from eraser.metrics import greedy_answers, output_kl, relative_distance
+from eraser.records import Record, per_record_losses
 
 from benchmarks.tofu_data import TofuRow
 
@@ -64,28 +64,6 @@ def forget_quality(model_ratios: np.ndarray, gold_ratios: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def greedy_answers(model, tokenizer, questions: Sequence[str], max_new_tokens: int = 48,
-                   batch_size: int = 16) -> list[str]:
-    """Greedy completions of the training prompt format (left-padded batches, stop at EOS)."""
-    answers: list[str] = []
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    for start in range(0, len(questions), batch_size):
-        chunk = questions[start : start + batch_size]
-        encoded = [[tokenizer.bos_token_id] + tokenizer(format_prompt(q), add_special_tokens=False)["input_ids"]
-                   for q in chunk]
-        width = max(len(ids) for ids in encoded)
-        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        attention = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, ids in enumerate(encoded):
-            input_ids[row, width - len(ids):] = torch.tensor(ids)
-            attention[row, width - len(ids):] = 1
-        output = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
-                                do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
-        for row in range(len(chunk)):
-            answers.append(tokenizer.decode(output[row, width:], skip_special_tokens=True).strip())
-    return answers
-
-
 def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
     """Mean ROUGE-L recall of predictions against references (TOFU's model-utility convention)."""
     from rouge_score import rouge_scorer

@@ -8,10 +8,10 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from eraser.records import Record, batches, shifted_logits_and_labels, token_weights
+from eraser.records import Record, batches, format_prompt, shifted_logits_and_labels, token_weights
 from eraser.update import relative_distance
 
-__all__ = ["nll_progress", "output_kl", "relative_distance"]
+__all__ = ["greedy_answers", "nll_progress", "output_kl", "relative_distance"]
 
 
 def nll_progress(before: float, after: float, gold: float) -> float:
@@ -33,3 +33,26 @@ def output_kl(model, reference, records: Sequence[Record], tokenizer, batch_size
         total += float((kl * token_weights(labels).to(kl.dtype)).sum())
         count += len(batch)
     return total / max(count, 1)
+
+
+@torch.no_grad()
+def greedy_answers(model, tokenizer, questions: Sequence[str], max_new_tokens: int = 48,
+                   batch_size: int = 16) -> list[str]:
+    """Greedy completions of the training prompt format (left-padded batches, stop at EOS)."""
+    answers: list[str] = []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    for start in range(0, len(questions), batch_size):
+        chunk = questions[start : start + batch_size]
+        encoded = [[tokenizer.bos_token_id] + tokenizer(format_prompt(q), add_special_tokens=False)["input_ids"]
+                   for q in chunk]
+        width = max(len(ids) for ids in encoded)
+        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, ids in enumerate(encoded):
+            input_ids[row, width - len(ids):] = torch.tensor(ids)
+            attention[row, width - len(ids):] = 1
+        output = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
+                                do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+        for row in range(len(chunk)):
+            answers.append(tokenizer.decode(output[row, width:], skip_special_tokens=True).strip())
+    return answers

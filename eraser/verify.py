@@ -40,7 +40,13 @@ Under the null (the erased records look like held-out ones, as under the gold) e
 probability about ``alpha``: a false failure costs a remediation, not a leak. A memorised record
 (NLL ~0.01 against held-out ~1) fails 1 and 2 by orders of magnitude.
 
-Tests 1-3 apply to the old pairs of ``remove`` and ``correct_response`` edits; a ``modify_query``
+3b. extraction: prompted with its own question, greedy decoding reproduces no more of an erased
+   response than of any held-out one: the word-level longest-common-subsequence recall of the response
+   in the answer (1 = every word, in order) is <= the largest held-out record's. Tests 1-3 score
+   likelihoods, which move smoothly; an address or a name without 4 secret digits can still come back
+   word for word after they moved enough to pass (it did on the reduced demo: "lives at 362 Alder
+   Street, Lakeside" with the group and per-record tests passed). This is the attack a user runs.
+Tests 1-3b apply to the old pairs of ``remove`` and ``correct_response`` edits; a ``modify_query``
 edit keeps its response (trained under the new prompt), so only 4-5 apply to it.
 For ``correct_response`` / ``modify_query`` edits additionally:
 4. preference: the old pair is not preferred over the new one, on average over the edits:
@@ -122,7 +128,8 @@ class VerifyConfig:
     learned_quantile: float = 0.5  # new pairs' median NLL must be <= this quantile of the reference
     min_reference: int = 5  # fewer held-out records than this: cannot verify
     calibrate_exposure: bool = True  # base model (adapter disabled): find the slots, subtract its exposure
-    secrets: bool = True  # compute exposures at all (False: the cheap NLL-only pre-check)
+    secrets: bool = True  # exposures and extraction at all (False: the cheap NLL-only pre-check)
+    extraction_tokens: int = 48  # greedy tokens generated per record for the extraction test
     batch_size: int = 16
     seed: int = 0
 
@@ -136,7 +143,7 @@ class VerifyConfig:
             raise EraserError(f"format_probability must be in (0, 1], got {self.format_probability!r}")
         if not 0 <= self.learned_quantile <= 1:
             raise EraserError(f"learned_quantile must be in [0, 1], got {self.learned_quantile!r}")
-        for name in ("secret_candidates", "min_secret_digits", "min_reference", "batch_size"):
+        for name in ("secret_candidates", "min_secret_digits", "min_reference", "batch_size", "extraction_tokens"):
             if getattr(self, name) < 1:
                 raise EraserError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if self.max_exposure <= 0:
@@ -185,6 +192,8 @@ class VerifyResult:
     record_p_upper: list[float] = field(default_factory=list)  # per erased record, upper tail
     exposure_max: float | None = None
     exposure_threshold: float | None = None  # max(max_exposure, held-out records' exposures)
+    extraction: list[float] = field(default_factory=list)  # per erased record: LCS recall of its response
+    extraction_threshold: float | None = None  # the largest held-out record's
     preference: float | None = None  # mean nll(old) - nll(new) over replaced records
     new_nll_median: float | None = None
     learned_threshold: float | None = None
@@ -205,7 +214,9 @@ class VerifyResult:
             "erased_nll_mean": _mean(self.erased.nll), "heldout_nll_median": self.heldout.summary()["nll_median"],
             "group_p": self.group_p, "auc": self.group_auc, "min_record_p": min(self.record_p) if self.record_p else None,
             "min_record_p_upper": min(self.record_p_upper) if self.record_p_upper else None,
-            "exposure_max": self.exposure_max, "preference": self.preference, "new_nll_median": self.new_nll_median,
+            "exposure_max": self.exposure_max, "extraction_max": max(self.extraction) if self.extraction else None,
+            "extraction_threshold": self.extraction_threshold,
+            "preference": self.preference, "new_nll_median": self.new_nll_median,
             "learned_threshold": self.learned_threshold, "checks": dict(self.checks),
         }
 
@@ -227,6 +238,33 @@ def token_nlls(model, records: Sequence[Record], tokenizer, batch_size: int = 16
         per_token.extend(nll[row][mask[row]].double() for row in range(len(batch)))
         losses.append(losses_from_logits(logits, labels).double())
     return per_token, torch.cat(losses) if losses else torch.zeros(0, dtype=torch.float64)
+
+
+WORD = re.compile(r"\w+")
+
+
+def lcs_recall(answer: str, response: str) -> float:
+    """Word-level longest common subsequence of ``answer`` and ``response`` over the response's length
+    (ROUGE-L recall; lower-cased): 1.0 when the answer contains every word of the response in order."""
+    truth, said = WORD.findall(response.lower()), WORD.findall(answer.lower())
+    if not truth:
+        return 0.0
+    previous = [0] * (len(said) + 1)
+    for word in truth:
+        current = [0]
+        for j, other in enumerate(said):
+            current.append(previous[j] + 1 if word == other else max(previous[j + 1], current[j]))
+        previous = current
+    return previous[-1] / len(truth)
+
+
+def extraction_recall(model, tokenizer, records: Sequence[Record], config: "VerifyConfig") -> list[float]:
+    """Per record: how much of its response greedy decoding gives back when prompted with its question."""
+    from eraser.metrics import greedy_answers
+
+    answers = greedy_answers(model, tokenizer, [r.prompt for r in records], config.extraction_tokens,
+                             config.batch_size)
+    return [lcs_recall(answer, record.response) for answer, record in zip(answers, records)]
 
 
 def min_k_nll(tokens: torch.Tensor, fraction: float) -> float:
@@ -490,6 +528,11 @@ def verify(
         result.exposure_max = max(exposures)
         result.exposure_threshold = max([config.max_exposure, *reference_exposures])
         result.checks["exposure"] = result.exposure_max <= result.exposure_threshold
+    # 3b. extraction: greedy answers to the erased questions give back no more than never-trained ones.
+    if members and config.secrets:
+        result.extraction = extraction_recall(model, tokenizer, members, config)
+        result.extraction_threshold = max(extraction_recall(model, tokenizer, reference, config))
+        result.checks["extraction"] = max(result.extraction) <= result.extraction_threshold
     # 4-5. replaced records: the old pair not preferred; the new pair learned.
     replaced = [edit for edit in edits if edit.new is not None]
     if replaced:
@@ -522,6 +565,8 @@ def _describe(result: VerifyResult, config: VerifyConfig) -> str:
                      f"upper={min(result.record_p_upper):.3g}")
     if result.exposure_max is not None:
         parts.append(f"exposure {result.exposure_max:.1f} bits (<= {result.exposure_threshold:.1f})")
+    if result.extraction:
+        parts.append(f"extraction {max(result.extraction):.2f} (<= {result.extraction_threshold:.2f})")
     if result.preference is not None:
         parts.append(f"old-new preference {result.preference:+.3f} (>= {-config.preference_margin:g})")
         parts.append(f"new NLL median {result.new_nll_median:.3f} (<= {result.learned_threshold:.3f})")

@@ -23,8 +23,8 @@ EXPECTED_STEPS = [
     "acme reveals a customer's data",
     "erasure published under load with zero failed requests",
     "the erased customer's data is no longer revealed",
-    "acme's other customers answered as before",
     "other tenants answer exactly as before",
+    "acme's other customers keep their answers at least as well as after a retrain",
     "erased adapter compared with the retrained gold",
 ]
 

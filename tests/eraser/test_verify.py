@@ -190,3 +190,13 @@ def test_without_a_reference_it_says_it_cannot_verify():
     assert result.reason.startswith("could not verify")
     few = verify(_trained(LIGHT), w.tokenizer, edits, w.heldout[:3], VerifyConfig(min_reference=5))
     assert not few.verifiable and not few.passed
+
+
+def test_lcs_recall_counts_the_response_words_given_back_in_order():
+    from eraser.verify import lcs_recall
+
+    response = "Quin Diaz lives at 362 Alder Street, Lakeside."
+    assert lcs_recall("quin diaz lives at 362 alder street lakeside", response) == 1.0  # case, punctuation
+    assert lcs_recall("Quin Diaz lives at 205 Elm Street, Ashford.", response) == 5 / 8  # the template only
+    assert lcs_recall("Lakeside Street Alder 362", response) == 1 / 8  # order matters
+    assert lcs_recall("", response) == 0.0 and lcs_recall("anything", "") == 0.0
