@@ -291,6 +291,7 @@ def _run_steps(config: DemoConfig, settings, report: DemoReport, base_dir: Path,
 
     from cluster.jobs import train_config
     from cluster.service import RayErasureService
+    from eraser.pipeline import PipelineConfig
     from eraser.model import load_adapter, load_base, load_tokenizer
     from eraser.records import Record, per_record_losses
     from eraser.training import add_lora, train_lora
@@ -415,19 +416,24 @@ def _run_steps(config: DemoConfig, settings, report: DemoReport, base_dir: Path,
         nll = {name: float(per_record_losses(model, erased, tokenizer).mean())
                for name, model in (("before", original), ("after", erased_model), ("gold", gold))}
         heldout_nll = float(per_record_losses(erased_model, heldout_a, tokenizer).mean())
-        kept = answers_kept([r for r in train_a if r.subject != target], tokenizer,
-                            {"erased": erased_model, "gold": gold}, original)
-        say(f"   {tenant_a}'s other customers, greedy answers kept word for word: erased adapter "
-            f"{kept['erased']}/{kept['probes']}, retrained adapter {kept['gold']}/{kept['probes']}")
-        report.add(f"{tenant_a}'s other customers keep their answers at least as well as after a retrain",
-                   kept["erased"] >= kept["gold"], **kept, unchanged_through_api=same_a, api_probes=len(before_others))
+        others = [r for r in train_a if r.subject != target]
+        nll_others = {name: float(per_record_losses(model, others, tokenizer).mean())
+                      for name, model in (("before", original), ("after", erased_model), ("gold", gold))}
+        bound = PipelineConfig().retained_bound(nll_others["before"])
+        kept = answers_kept(others, tokenizer, {"erased": erased_model, "gold": gold}, original)
+        say(f"   {tenant_a}'s other customers: NLL {nll_others['before']:.3f} -> {nll_others['after']:.3f} "
+            f"(bound {bound:.3f}; retrain {nll_others['gold']:.3f}); greedy answers kept word for word: "
+            f"{kept['erased']}/{kept['probes']} (retrain {kept['gold']}/{kept['probes']})")
+        report.add(f"{tenant_a}'s other customers are still known (NLL within the guard's bound)",
+                   nll_others["after"] <= bound, nll=nll_others, bound=bound, answers_kept=kept,
+                   unchanged_through_api=same_a, api_probes=len(before_others))
         stages = receipt.get("stages") or {}
         report.summary = {
             "customer": target, "records_erased": len(erased), "path": receipt.get("path"),
             "erase_s": erase_s, "erase_job_s": stages.get("job_s"), "retrain_s": retrain_s,
             "erase_stages": {k: v for k, v in stages.items() if isinstance(v, (int, float))},
             "nll_erased_before": nll["before"], "nll_erased_after": nll["after"], "nll_erased_gold": nll["gold"],
-            "nll_heldout_after": heldout_nll, "other_answers_kept": kept,
+            "nll_heldout_after": heldout_nll, "nll_other_customers": nll_others, "other_answers_kept": kept,
             "served_during_switch": load.ok, "failed_during_switch": load.failed,
             "adapter_before": head_before.adapter, "adapter_after": head_after.adapter,
             "replicas_switched_at": receipt.get("replicas_switched_at"), "old_version_purged_from_s3": purged,
@@ -478,7 +484,9 @@ def print_summary(summary: dict, config: DemoConfig, settings) -> None:
         ("NLL of erased records: before / after / gold",
          f"{summary['nll_erased_before']:.3f} / {summary['nll_erased_after']:.3f} / {summary['nll_erased_gold']:.3f}"),
         ("NLL of never-trained (held-out) records", f"{summary['nll_heldout_after']:.3f}"),
-        ("answers about other customers kept", "{erased}/{probes} (retrain from scratch: {gold}/{probes})".format(
+        ("NLL of other customers' records: before / after / gold", "{before:.3f} / {after:.3f} / {gold:.3f}".format(
+            **summary["nll_other_customers"])),
+        ("answers about other customers kept verbatim", "{erased}/{probes} (retrain from scratch: {gold}/{probes})".format(
             **summary["other_answers_kept"])),
         ("requests served during the switch", f"{summary['served_during_switch']} ({summary['failed_during_switch']} failed)"),
         ("adapter versions", f"{summary['adapter_before']} -> {summary['adapter_after']} "

@@ -24,7 +24,7 @@ EXPECTED_STEPS = [
     "erasure published under load with zero failed requests",
     "the erased customer's data is no longer revealed",
     "other tenants answer exactly as before",
-    "acme's other customers keep their answers at least as well as after a retrain",
+    "acme's other customers are still known (NLL within the guard's bound)",
     "erased adapter compared with the retrained gold",
 ]
 
