@@ -291,8 +291,8 @@ def _run_steps(config: DemoConfig, settings, report: DemoReport, base_dir: Path,
 
     from cluster.jobs import train_config
     from cluster.service import RayErasureService
-    from eraser.pipeline import PipelineConfig
     from eraser.model import load_adapter, load_base, load_tokenizer
+    from eraser.pipeline import PipelineConfig
     from eraser.records import Record, per_record_losses
     from eraser.training import add_lora, train_lora
     from eraser.verify import split_heldout
