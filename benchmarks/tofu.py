@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -367,7 +367,6 @@ class Runner:
 
     def _apply_method(self, method: str, size: dict, request: Request):
         from eraser.erase import erase
-        from eraser.influence import InfluenceSystem
         from eraser.update import lora_vector
 
         from benchmarks import baselines

@@ -35,7 +35,7 @@ from tenants.settings import StoreSettings
 
 from cluster.config import NAMESPACE, CoordinatorOptions, RunnerSpec
 from cluster.errors import ClusterError
-from cluster.service import TERMINAL, ErasureService, LocalErasureService, RayErasureService
+from cluster.service import ErasureService, LocalErasureService, RayErasureService
 
 logger = logging.getLogger(__name__)
 
