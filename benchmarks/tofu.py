@@ -197,19 +197,23 @@ class Runner:
             self.run_size(authors, specs, methods)
         return self.finish()
 
-    def run_size(self, authors: int, specs, methods: Sequence[str]) -> None:
+    def tenant(self, authors: int) -> dict:
+        """The tenant of the last ``authors`` authors: its rows, records and original adapter (cached)."""
         from benchmarks.tofu_data import rows_of, tenant_authors
 
-        if self.over_budget():
-            self.skipped.append(f"size {authors} authors (time budget)")
-            return
         tenant_rows = rows_of(self.rows_tofu, tenant_authors(authors))
         records = [row.record() for row in tenant_rows]
         theta_orig, orig_info = self.bench.adapter(records)
         logger.info("tenant of %d authors (%d records): adapter %s in %.1fs, final loss %.3f", authors, len(records),
                     "cached" if orig_info.get("cached") else "trained", orig_info["wall_time_s"], orig_info["final_loss"])
-        size = {"authors": authors, "records": len(records), "theta_orig": theta_orig, "orig_info": orig_info,
+        return {"authors": authors, "records": len(records), "theta_orig": theta_orig, "orig_info": orig_info,
                 "tenant_rows": tenant_rows, "records_list": records}
+
+    def run_size(self, authors: int, specs, methods: Sequence[str]) -> None:
+        if self.over_budget():
+            self.skipped.append(f"size {authors} authors (time budget)")
+            return
+        size = self.tenant(authors)
         for position, spec in enumerate(specs):
             if self.over_budget():
                 self.skipped.append(f"{spec.name} at {authors} authors (time budget)")

@@ -28,29 +28,25 @@ def gap(row: dict, metric: str) -> float:
 
 
 def sweep(sizes: list[int], requests: list[str], dampings: list[float], base: Options) -> list[dict]:
-    from benchmarks.tofu_data import RequestSpec, rows_of, tenant_authors
+    from benchmarks.tofu_data import RequestSpec
 
     runner = Runner(dataclasses.replace(base, methods=("ours",), scaling=()), ["sweep"])
     runner.setup()
     points = []
     for authors in sizes:
-        tenant_rows = rows_of(runner.rows_tofu, tenant_authors(authors))
-        records = [row.record() for row in tenant_rows]
-        theta_orig, orig_info = runner.bench.adapter(records)
-        size = {"authors": authors, "records": len(records), "theta_orig": theta_orig, "orig_info": orig_info,
-                "tenant_rows": tenant_rows, "records_list": records}
+        size = runner.tenant(authors)
         for name in requests:
             request = runner.prepare_request(size, RequestSpec.parse(name))
             for damping in dampings:
                 runner.options = dataclasses.replace(base, damping=damping)
                 row = runner.run_method("ours", size, request)
-                point = {"authors": authors, "records": len(records), "request": name,
+                point = {"authors": authors, "records": size["records"], "request": name,
                          "damping": damping, "effective_damping": row["info"]["config"]["damping"],
                          "forget_quality": row["metrics"]["forget_quality"],
                          "nll_forget_gap": gap(row, "nll_forget"), "nll_retained_gap": gap(row, "nll_retained"),
                          "kl_retained": row["metrics"]["kl_retained"], "row": row}
                 logger.info("%4d records %-24s damping %.4g: forget gap %+.1f%%, retained gap %+.2f%%, fq %.3g",
-                            len(records), name, damping, 100 * point["nll_forget_gap"],
+                            size["records"], name, damping, 100 * point["nll_forget_gap"],
                             100 * point["nll_retained_gap"], point["forget_quality"])
                 points.append(point)
     return points

@@ -132,10 +132,28 @@ def conjugate_gradient(
     monitor = _Monitor("cg", b, tol, damping)
     x = torch.zeros_like(b) if x0 is None else x0.clone()
     r = b - apply_eval(x) if x0 is not None else b.clone()
-    p = r.clone()
-    rs = float(r @ r)
-    if monitor.record(math.sqrt(rs) / max(monitor.b_norm, 1e-300)):
+    if monitor.record(float(r.norm()) / max(monitor.b_norm, 1e-300)):
         return x, _finish(monitor, require_converged)
+    return _preconditioned_cg(apply_eval, b, x, r, lambda v: v, monitor, max_iters, require_converged, progress)
+
+
+def _preconditioned_cg(
+    apply_eval: ApplyEval,
+    b: torch.Tensor,
+    x: torch.Tensor,
+    r: torch.Tensor,
+    precondition: Callable[[torch.Tensor], torch.Tensor],
+    monitor: "_Monitor",
+    max_iters: int,
+    require_converged: bool,
+    progress: Callable[[int, float], None] | None,
+) -> tuple[torch.Tensor, SolverReport]:
+    """Preconditioned conjugate gradients from ``x`` with residual ``r = b - A x`` (plain CG: the identity
+    preconditioner). The operator must be positive definite along the search directions; a non-positive
+    curvature ``p^T A p <= 0`` (the exact Hessian with too little damping) is reported as divergence."""
+    z = precondition(r)
+    p = z.clone()
+    rz = float(r @ z)
     for _ in range(max_iters):
         ap = apply_eval(p)
         monitor.report.hvps += 1
@@ -144,24 +162,25 @@ def conjugate_gradient(
         if curvature <= 0:
             monitor.finish()
             raise SolverDivergedError(
-                f"cg: non-positive curvature p^T A p = {curvature:.3g} at iteration {monitor.report.iterations}: "
-                "the damped matrix is indefinite (raise --damping or use --curvature ggn)"
+                f"{monitor.report.solver}: non-positive curvature p^T A p = {curvature:.3g} at iteration "
+                f"{monitor.report.iterations}: the damped matrix is indefinite (raise --damping or use --curvature ggn)"
             )
-        alpha = rs / curvature
+        alpha = rz / curvature
         x = x + alpha * p
         r = r - alpha * ap
-        rs_next = float(r @ r)
         monitor.report.iterations += 1
-        converged = monitor.record(math.sqrt(rs_next) / max(monitor.b_norm, 1e-300))
+        converged = monitor.record(float(r.norm()) / max(monitor.b_norm, 1e-300))
         if progress:
             progress(monitor.report.iterations, monitor.report.relative_residual)
         if converged:
             break
-        p = r + (rs_next / rs) * p
-        rs = rs_next
-    # CG's recursive residual drifts in floating point: report the true one.
+        z = precondition(r)
+        rz_next = float(r @ z)
+        p = z + (rz_next / rz) * p
+        rz = rz_next
+    # The recursive residual drifts in floating point: report the true one.
     monitor.report.relative_residual = _relative_residual(apply_eval, x, b, monitor)
-    monitor.report.converged = monitor.report.relative_residual <= tol * 1.5
+    monitor.report.converged = monitor.report.relative_residual <= monitor.report.tol * 1.5
     return x, _finish(monitor, require_converged)
 
 
@@ -373,34 +392,5 @@ def lowrank_conjugate_gradient(
     if initial > 1.0:  # the zero vector is closer (residual 1): start there
         x, r = torch.zeros_like(b), b.clone()
         monitor.report.extra["restarted_from_zero"] = True
-    z = curvature.inverse(r, damping, tail)
-    p = z.clone()
-    rz = float(r @ z)
-    for _ in range(max_iters):
-        ap = apply_eval(p)
-        monitor.report.hvps += 1
-        monitor.check_finite(ap, "HVP")
-        curvature_along = float(p @ ap)
-        if curvature_along <= 0:
-            monitor.finish()
-            raise SolverDivergedError(
-                f"eigen: non-positive curvature p^T A p = {curvature_along:.3g} at iteration "
-                f"{monitor.report.iterations}: the damped matrix is indefinite (raise --damping or use --curvature ggn)"
-            )
-        alpha = rz / curvature_along
-        x = x + alpha * p
-        r = r - alpha * ap
-        monitor.report.iterations += 1
-        converged = monitor.record(float(r.norm()) / max(monitor.b_norm, 1e-300))
-        if progress:
-            progress(monitor.report.iterations, monitor.report.relative_residual)
-        if converged:
-            break
-        z = curvature.inverse(r, damping, tail)
-        rz_next = float(r @ z)
-        p = z + (rz_next / rz) * p
-        rz = rz_next
-    # The recursive residual drifts in floating point: report the true one.
-    monitor.report.relative_residual = _relative_residual(apply_eval, x, b, monitor)
-    monitor.report.converged = monitor.report.relative_residual <= tol * 1.5
-    return x, _finish(monitor, require_converged)
+    return _preconditioned_cg(apply_eval, b, x, r, lambda v: curvature.inverse(v, damping, tail), monitor,
+                              max_iters, require_converged, progress)

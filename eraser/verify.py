@@ -75,6 +75,7 @@ import torch
 import torch.nn.functional as F
 
 from eraser.errors import EraserError
+from eraser.metrics import greedy_answers
 from eraser.records import (
     IGNORE_INDEX,
     Record,
@@ -260,8 +261,6 @@ def lcs_recall(answer: str, response: str) -> float:
 
 def extraction_recall(model, tokenizer, records: Sequence[Record], config: "VerifyConfig") -> list[float]:
     """Per record: how much of its response greedy decoding gives back when prompted with its question."""
-    from eraser.metrics import greedy_answers
-
     answers = greedy_answers(model, tokenizer, [r.prompt for r in records], config.extraction_tokens,
                              config.batch_size)
     return [lcs_recall(answer, record.response) for answer, record in zip(answers, records)]
