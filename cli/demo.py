@@ -219,6 +219,16 @@ def follow_receipt(base_url: str, tenant: str, key: str, request_id: str, timeou
     raise TimeoutError(f"erasure {request_id} not finished after {timeout_s:.0f}s")
 
 
+def logged_purge(store, tenant: str, request_id: str, timeout_s: float = 60.0):
+    """The receipt once its purge is logged (the demo's grace is 0; the purge follows the HEAD move)."""
+    deadline = time.monotonic() + timeout_s
+    receipt = store.get_receipt(tenant, request_id)
+    while not receipt.purged and time.monotonic() < deadline:
+        time.sleep(0.5)
+        receipt = store.get_receipt(tenant, request_id)
+    return receipt
+
+
 # ------------------------------------------------------------------------------------ the demo
 
 
@@ -401,8 +411,8 @@ def _run_steps(config: DemoConfig, settings, report: DemoReport, base_dir: Path,
         report.add("other tenants answer exactly as before", all(v == len(probes[t]) for t, v in others_same.items()),
                    unchanged=others_same)
 
+    receipt = logged_purge(store, tenant_a, request_id).model_dump(mode="json")  # with the switch time and purge log
     purged = head_before.adapter not in store.list_adapter_versions(tenant_a)
-    receipt = store.get_receipt(tenant_a, request_id).model_dump(mode="json")  # with the switch time and purge log
     serve.shutdown()  # the comparison below needs the CPUs the engine holds
     with stage(f"6. compare with an adapter retrained from scratch without {target!r}"):
         recipe = train_config(tenant_config)

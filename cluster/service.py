@@ -74,7 +74,12 @@ class ErasureService(abc.ABC):
         return [self.store.get_receipt(tenant, request_id) for request_id in request_ids]
 
     def wait(self, tenant: str, request_ids: Sequence[str], timeout_s: float = 600.0, poll_s: float = 1.0) -> list[Receipt]:
-        """Poll the ledger until every request is published, failed or rejected (ClusterError on timeout)."""
+        """Poll the ledger until every request is published, failed or rejected (ClusterError on timeout).
+
+        'published' is set at the HEAD move. Notifying replicas and purging superseded versions come
+        after it, so a receipt returned here may not list its purge yet: call :meth:`purge_due`
+        (it runs behind the tenant's round) and read the receipt again to see it.
+        """
         deadline = time.monotonic() + timeout_s
         while True:
             receipts = self.receipts(tenant, request_ids)

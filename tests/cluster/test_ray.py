@@ -104,6 +104,10 @@ def test_onboarding_and_erasure_through_the_coordinator_actor(ray_cluster, grace
 
         (receipt,) = service.wait("acme", ["req-1"], timeout_s=300)
         assert receipt.status == ReceiptStatus.published, receipt.error
+        # A receipt turns 'published' at the HEAD move; the purge that follows is logged in it
+        # afterwards. purge_due queues behind the coordinator's round, so the log is complete after it.
+        service.purge_due(["acme"])
+        receipt = store.get_receipt("acme", "req-1")
         head, _ = store.get_head("acme")
         assert (head.adapter, head.data) == ("v000002", "d000002") == (receipt.new_adapter_version, receipt.new_data_version)
         assert erased.isdisjoint(r.id for r in store.read_dataset("acme", head.data))
