@@ -440,6 +440,7 @@ def _run_steps(config: DemoConfig, settings, report: DemoReport, base_dir: Path,
         stages = receipt.get("stages") or {}
         report.summary = {
             "customer": target, "records_erased": len(erased), "path": receipt.get("path"),
+            "curvature_cache": (receipt.get("solver") or {}).get("curvature_cache"),
             "erase_s": erase_s, "erase_job_s": stages.get("job_s"), "retrain_s": retrain_s,
             "erase_stages": {k: v for k, v in stages.items() if isinstance(v, (int, float))},
             "nll_erased_before": nll["before"], "nll_erased_after": nll["after"], "nll_erased_gold": nll["gold"],
@@ -487,6 +488,7 @@ def print_summary(summary: dict, config: DemoConfig, settings) -> None:
     rows = [
         ("customer erased", f"{summary['customer']} ({summary['records_erased']} records)"),
         ("path that produced the adapter", summary["path"]),
+        ("adapter's low-rank curvature", summary.get("curvature_cache") or "not used"),
         ("erasure, request to live", f"{summary['erase_s']:.1f} s"),
         *erasure_breakdown(summary.get("erase_stages") or {}, summary["erase_s"]),
         ("retrain from scratch (for comparison)", f"{summary['retrain_s']:.1f} s (training only, all CPUs: "

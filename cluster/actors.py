@@ -137,7 +137,8 @@ class CoordinatorActor:
 
     def describe(self) -> dict[str, Any]:
         return {"tenant": self.tenant, "store": self.identity, "runner": self.core.runner.describe(),
-                "running": self._running, "last_error": self.last_error}
+                "running": self._running, "last_error": self.last_error,
+                "curvature_warmed_for": self.core.warmed_version}
 
     def submit(self, request: dict, start: bool = True) -> dict:
         """Record a request (pending, idempotent); with ``start``, schedule a round. Returns the receipt (JSON)."""
@@ -168,7 +169,15 @@ class CoordinatorActor:
             except Exception as error:  # keep the actor alive; the ledger says what is left
                 self.last_error = f"{type(error).__name__}: {error}"
                 logger.exception("tenant %s: coordinator round failed", self.tenant)
+        self._warm()
         self._schedule_purge()
+
+    def _warm(self) -> None:
+        """Warm HEAD's curvature while idle (a request that arrives meanwhile queues behind it)."""
+        try:
+            self.core.warm_curvature()
+        except Exception:  # noqa: BLE001 (best effort: the next erasure job builds it)
+            logger.exception("tenant %s: warming the curvature failed", self.tenant)
 
     def _schedule_purge(self) -> None:
         try:
@@ -184,13 +193,20 @@ class CoordinatorActor:
         self._timer.start()
 
     def run_until_idle(self) -> list[dict]:
-        """Run rounds until nothing is pending (waits behind a background round); returns the batch reports."""
+        """Run rounds until nothing is pending (waits behind a background round); returns the batch reports.
+        The new HEAD's curvature is then warmed in the background."""
         future = self._executor.submit(self.core.run_until_idle)
-        return [vars(report) for report in future.result()]
+        reports = [vars(report) for report in future.result()]
+        if reports:
+            self.kick()
+        return reports
 
     def onboard(self, data_version: str | None = None) -> str:
-        """Train and publish the tenant's first adapter (serialised with its erasures); returns the version."""
-        return self._executor.submit(self.core.onboard, data_version).result()
+        """Train and publish the tenant's first adapter (serialised with its erasures); returns the version.
+        A background round then warms its curvature for the first erasure."""
+        version = self._executor.submit(self.core.onboard, data_version).result()
+        self.kick()
+        return version
 
     def purge_due(self) -> list[dict]:
         return self._executor.submit(self.core.purge_due).result()

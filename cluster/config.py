@@ -66,6 +66,9 @@ class CoordinatorOptions:
     purge_grace_seconds: float | None = None  # None = the store's purge_grace_seconds
     max_head_conflicts: int = 3  # lost HEAD compare-and-swaps before a batch is failed
     solve: SolveConfig | None = None  # shorthand: replaces pipeline.solve when given
+    # The coordinator actor builds HEAD's low-rank curvature with a curvature job after its rounds and
+    # after onboarding, so the next erasure skips it (solver "eigen" only): one job per published version.
+    warm_curvature: bool = True
 
     def __post_init__(self) -> None:
         if self.solve is not None:
@@ -77,4 +80,4 @@ class CoordinatorOptions:
 
     def to_dict(self) -> dict:
         return {"pipeline": self.pipeline.to_dict(), "max_batch": self.max_batch,
-                "purge_grace_seconds": self.purge_grace_seconds}
+                "purge_grace_seconds": self.purge_grace_seconds, "warm_curvature": self.warm_curvature}

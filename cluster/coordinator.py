@@ -10,7 +10,11 @@ tenant in :mod:`cluster.actors`); different tenants run in parallel. A round:
 3. receipts ``pending -> running``; the job (Ray Train or in-process) solves, verifies, guards;
 4. publish data version k+1 and adapter version k+1 (manifest: request ids, solver report, checks,
    path), then move HEAD by compare-and-swap; receipts ``published``;
-5. notify serving (hooks), then purge superseded versions past the grace period.
+5. notify serving (hooks), then purge superseded versions past the grace period;
+6. warm (the Ray actor, in the background): build the new HEAD's low-rank curvature (solver
+   "eigen") with a curvature job, so the next erasure on it skips that cost. The coordinator holds it
+   in memory only (the Ray object store), never in S3, and drops it as soon as HEAD moves past its
+   version: it was estimated from that version's records.
 
 A job that fails leaves the receipts ``failed`` with the error and publishes nothing: HEAD moves
 only after both versions are committed, and only a moved HEAD makes anything live. The receipt is
@@ -33,7 +37,7 @@ from tenants.store import TenantStore
 
 from cluster.config import CoordinatorOptions
 from cluster.errors import AlreadyOnboardedError, ClusterError, NotOnboardedError
-from cluster.jobs import ErasureJob, JobResult, TrainingJob
+from cluster.jobs import CurvatureJob, ErasureJob, JobResult, TrainingJob
 from cluster.runners import JobRunner
 
 logger = logging.getLogger(__name__)
@@ -79,6 +83,8 @@ class ErasureCoordinator:
         self.heartbeat_dir = heartbeat_dir
         self._lock = threading.RLock()
         self.batches: list[BatchReport] = []
+        # HEAD's warmed curvature: (the version pair it was built on, the runner's handle to it).
+        self._curvature: tuple[Head, Any] | None = None
 
     # ============================================================ public
     def submit(self, request: ErasureRequest | Receipt | dict) -> Receipt:
@@ -109,6 +115,51 @@ class ErasureCoordinator:
                 rounds += 1
             self.purge_due()
             return reports
+
+    def warm_curvature(self) -> bool:
+        """Build HEAD's low-rank curvature now, so the next erasure on it skips that cost (solver "eigen").
+
+        A long-lived coordinator (the Ray actor) calls this in the background after its rounds and after
+        onboarding. Best effort: a failure is logged and the next erasure job builds the curvature itself.
+        Returns whether a curvature was built.
+        """
+        solve = self.options.pipeline.solve
+        if not self.options.warm_curvature or solve.solver != "eigen":
+            return False
+        with self._lock:
+            head, _ = self.store.get_head(self.tenant)
+            if head is None or self._warmed(head) is not None:
+                return False
+            started = time.perf_counter()
+            job = CurvatureJob(tenant=self.tenant, store_settings=self.store.settings, adapter_version=head.adapter,
+                               data_version=head.data, solve=solve, job_id=uuid.uuid4().hex[:8],
+                               heartbeat_dir=self.heartbeat_dir)
+            try:
+                with self.runner.run_curvature_job(job) as result:
+                    curvature = result.load_curvature() if result.ok else None
+                    error = result.error
+            except Exception as failure:  # noqa: BLE001 (a lost worker: the erasure job builds it instead)
+                curvature, error = None, str(failure)
+            if curvature is None:
+                logger.warning("tenant %s: warming the curvature of %s failed (the next erasure builds it): %s",
+                               self.tenant, head.adapter, error)
+                return False
+            self._curvature = (head, self.runner.share(curvature))
+            logger.info("tenant %s: curvature of adapter %s warmed (rank %d, %.1fs)", self.tenant, head.adapter,
+                        curvature.rank, time.perf_counter() - started)
+            return True
+
+    @property
+    def warmed_version(self) -> str | None:
+        """The adapter version whose curvature is warm, if any."""
+        return self._curvature[0].adapter if self._curvature is not None else None
+
+    def _warmed(self, head: Head) -> Any:
+        """The runner's handle to ``head``'s warmed curvature, or None. A curvature of any other version
+        is dropped here: it was estimated from that version's records, erased ones included."""
+        if self._curvature is not None and self._curvature[0] != head:
+            self._curvature = None
+        return self._curvature[1] if self._curvature is not None else None
 
     def run_once(self) -> BatchReport | None:
         """One batch of pending requests, or None when nothing is pending (or nothing can run)."""
@@ -299,7 +350,7 @@ class ErasureCoordinator:
             tenant=self.tenant, store_settings=self.store.settings, adapter_version=head.adapter,
             data_version=head.data, requests=tuple(p.receipt.request.model_dump(mode="json") for p in batch),
             selections={p.receipt.request_id: tuple(p.edits) for p in batch}, pipeline=self.options.pipeline,
-            job_id=uuid.uuid4().hex[:8], heartbeat_dir=self.heartbeat_dir,
+            job_id=uuid.uuid4().hex[:8], heartbeat_dir=self.heartbeat_dir, curvature=self._warmed(head),
         )
         head_moved = False
         try:
@@ -315,6 +366,7 @@ class ErasureCoordinator:
                 mark = time.perf_counter()
                 new_head = self._publish(head, etag, records, batch, result, stages)
                 head_moved = True
+                self._warmed(new_head)  # drops the superseded version's curvature
                 stages["publish_s"] = time.perf_counter() - mark
         except HeadConflictError as error:
             return self._requeue_or_fail(batch, report, error)

@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from eraser.errors import VerificationFailedError
-from eraser.influence import Shard
+from eraser.influence import InfluenceSystem, Shard
 from eraser.pipeline import PipelineConfig, complete_erasure, run_influence
 from eraser.records import Record
 from eraser.requests import EditRequest
+from eraser.solvers import LowRankCurvature
 from eraser.training import TrainConfig
 
 from cluster.errors import GuardRejectedError
@@ -65,11 +66,17 @@ def verify_and_guard(
     shard: Shard | None = None,
     progress: Callable[[int, float], None] | None = None,
     is_root: bool = True,
+    curvature: LowRankCurvature | None = None,
 ) -> GuardedUpdate | None:
     """Leave in ``model`` the adapter to publish and return its evidence (root rank), or raise
     GuardRejectedError with the evidence when no path passes. Non-root ranks return None after the
-    collective influence stage. ``recipe`` enables the exact-retrain fallback."""
-    stage = run_influence(model, tokenizer, train, requests, config, heldout=heldout, shard=shard, progress=progress)
+    collective influence stage. ``recipe`` enables the exact-retrain fallback. ``curvature``: the
+    adapter version's warmed low-rank curvature (solver "eigen"), instead of building it here."""
+    system = None
+    if curvature is not None:
+        system = InfluenceSystem(model, tokenizer, train, config.solve, shard, cache=curvature)
+    stage = run_influence(model, tokenizer, train, requests, config, heldout=heldout, shard=shard, progress=progress,
+                          system=system)
     if not is_root:
         return None
     try:

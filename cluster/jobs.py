@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from eraser.errors import EraserError
-from eraser.influence import Shard
+from eraser.curvature import lora_parameters
+from eraser.influence import InfluenceSystem, Shard, SolveConfig, curvature_mismatch
 from eraser.pipeline import PipelineConfig
 from eraser.records import Record as EraserRecord
 from eraser.requests import EditRequest
@@ -35,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 RESULT_FILE = "result.json"
 ADAPTER_SUBDIR = "adapter"
+CURVATURE_FILE = "curvature.pt"
 _REPLACED_FIELD = {"modify_query": "prompt", "correct_response": "response"}
 
 
@@ -54,10 +56,30 @@ class ErasureJob:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     job_id: str = ""
     heartbeat_dir: str | None = None  # each worker writes rank-<r>.json here (progress, pid): monitoring, tests
+    # The adapter version's low-rank curvature, warmed by a CurvatureJob after it was published (a
+    # LowRankCurvature, or a Ray ObjectRef the Ray worker resolves). None: the job builds it.
+    curvature: Any = None
 
     @property
     def request_ids(self) -> list[str]:
         return [r["request_id"] for r in self.requests]
+
+
+@dataclass(frozen=True)
+class CurvatureJob:
+    """Build the low-rank curvature of one (adapter, data) version pair for the erasures to come.
+
+    The curvature does not depend on the request, so the coordinator builds it once per version,
+    after publishing (off the request's path), and hands it to every erasure job on that version.
+    """
+
+    tenant: str
+    store_settings: StoreSettings
+    adapter_version: str
+    data_version: str
+    solve: SolveConfig  # solver "eigen" and its cache_* knobs
+    job_id: str = ""
+    heartbeat_dir: str | None = None
 
 
 @dataclass(frozen=True)
@@ -92,6 +114,18 @@ class JobResult:
             return None
         path = self.workdir / ADAPTER_SUBDIR
         return path if path.is_dir() else None
+
+    def load_curvature(self):
+        """The LowRankCurvature a CurvatureJob left (None if there is none)."""
+        from eraser.solvers import LowRankCurvature
+
+        path = self.workdir / CURVATURE_FILE if self.workdir is not None else None
+        if path is None or not path.is_file():
+            return None
+        import torch
+
+        saved = torch.load(path, weights_only=True)
+        return LowRankCurvature(vectors=saved["vectors"], values=saved["values"], info=saved["info"])
 
     def cleanup(self) -> None:
         if self.workdir is not None:
@@ -193,9 +227,7 @@ def execute_erasure(job: ErasureJob, shard: Shard, out_dir: Path | None,
     ``status="failed"`` rather than exceptions, so Ray Train does not retry them; anything else
     (a lost worker, a bug) raises and is the runner's to retry or report.
     """
-    from eraser.model import load_adapter, load_base, load_tokenizer
     from eraser.update import save_adapter
-    from eraser.verify import split_heldout
 
     from cluster.guard import verify_and_guard
 
@@ -207,14 +239,10 @@ def execute_erasure(job: ErasureJob, shard: Shard, out_dir: Path | None,
     stores = _Stores(job.store_settings)
     try:
         beat("load")
-        config = stores.shared.get_tenant(job.tenant)
-        base_dir = stores.shared.resolve_base_model(config.base_model)
-        adapter_dir = stores.private.download_adapter(job.tenant, job.adapter_version)
-        records = to_eraser_records(stores.private.read_dataset(job.tenant, job.data_version))
-        tokenizer = load_tokenizer(base_dir)
-        model = load_adapter(load_base(base_dir), adapter_dir)
-        train, heldout = split_heldout(records, config.training.heldout_fraction, config.training.seed)
+        config, tokenizer, model, train, heldout = _load_version(stores, job.tenant, job.adapter_version,
+                                                                 job.data_version)
         requests, trained = edit_requests(job, {r.id for r in train})
+        curvature = _usable_curvature(job, model)
         stages["load_s"] = time.perf_counter() - started
         body.update(train_records=len(train), heldout_records=len(heldout), trained_records_affected=trained)
         logger.info("tenant %s job %s rank %d/%d: %d request(s), %d trained record(s) affected, %d train, %d held out",
@@ -226,7 +254,7 @@ def execute_erasure(job: ErasureJob, shard: Shard, out_dir: Path | None,
         try:
             outcome = verify_and_guard(model, tokenizer, train, heldout, requests, job.pipeline,
                                        recipe=train_config(config), shard=shard, progress=progress,
-                                       is_root=out_dir is not None)
+                                       is_root=out_dir is not None, curvature=curvature)
         except GuardRejectedError as error:
             body.update(status="failed", error=str(error), error_type=type(error).__name__, checks=error.checks)
         except (EraserError, TenantError, ClusterError) as error:
@@ -235,6 +263,9 @@ def execute_erasure(job: ErasureJob, shard: Shard, out_dir: Path | None,
             body.update(status="ok")
             if outcome is not None:  # root rank: the evidence
                 body.update(path=outcome.path, solver=outcome.solver, checks=outcome.checks)
+                if job.pipeline.solve.solver == "eigen" and "config" in outcome.solver:
+                    body["solver"]["curvature_cache"] = ("warmed after the adapter version was published"
+                                                         if curvature is not None else "built in this job")
                 stages.update({("erase_s" if k == "total_s" else k): v for k, v in outcome.stages.items()})
         beat("save", status=body["status"])
         stages["job_s"] = time.perf_counter() - started
@@ -244,6 +275,71 @@ def execute_erasure(job: ErasureJob, shard: Shard, out_dir: Path | None,
                 save_adapter(model, Path(out_dir) / ADAPTER_SUBDIR,
                              {"parent_version": job.adapter_version, "request_ids": job.request_ids,
                               "path": body["path"]})
+            _write_result(Path(out_dir), body)
+        beat("done", status=body["status"])
+        return body
+    finally:
+        stores.close()
+
+
+def _load_version(stores: _Stores, tenant: str, adapter_version: str, data_version: str):
+    """The tenant's config, tokenizer, base model with the adapter version, and its train / held-out split."""
+    from eraser.model import load_adapter, load_base, load_tokenizer
+    from eraser.verify import split_heldout
+
+    config = stores.shared.get_tenant(tenant)
+    base_dir = stores.shared.resolve_base_model(config.base_model)
+    adapter_dir = stores.private.download_adapter(tenant, adapter_version)
+    records = to_eraser_records(stores.private.read_dataset(tenant, data_version))
+    tokenizer = load_tokenizer(base_dir)
+    model = load_adapter(load_base(base_dir), adapter_dir)
+    train, heldout = split_heldout(records, config.training.heldout_fraction, config.training.seed)
+    return config, tokenizer, model, train, heldout
+
+
+def _usable_curvature(job: ErasureJob, model):
+    """``job.curvature`` if it is this adapter's under the job's settings; else None (the job builds it)."""
+    if job.curvature is None or job.pipeline.solve.solver != "eigen":
+        return None
+    why = curvature_mismatch(job.curvature, lora_parameters(model), job.pipeline.solve)
+    if why is not None:
+        logger.warning("tenant %s job %s: not using the warmed curvature: %s", job.tenant, job.job_id, why)
+        return None
+    return job.curvature
+
+
+# ---------------------------------------------------------------- curvature (warming a version)
+
+
+def execute_curvature(job: CurvatureJob, shard: Shard, out_dir: Path | None,
+                      beat: Callable[..., None] | None = None) -> dict:
+    """Build the version's low-rank curvature on this worker's shard (collective); rank 0 saves it."""
+    import torch
+
+    beat = beat or (lambda *a, **k: None)
+    started = time.perf_counter()
+    body: dict[str, Any] = {"kind": "curvature", "job_id": job.job_id, "tenant": job.tenant,
+                            "adapter_version": job.adapter_version, "data_version": job.data_version,
+                            "world_size": shard.world_size}
+    stores = _Stores(job.store_settings)
+    try:
+        beat("load")
+        _, tokenizer, model, train, _ = _load_version(stores, job.tenant, job.adapter_version, job.data_version)
+        load_s = time.perf_counter() - started
+        beat("curvature")
+        try:
+            cache = InfluenceSystem(model, tokenizer, train, job.solve, shard).curvature_cache()
+        except EraserError as error:
+            body.update(status="failed", error=str(error), error_type=type(error).__name__)
+        else:
+            body.update(status="ok", rank=cache.rank, top_eigenvalue=cache.top,
+                        info={k: v for k, v in cache.info.items() if k != "adapter"})
+            if out_dir is not None:
+                Path(out_dir).mkdir(parents=True, exist_ok=True)
+                torch.save({"vectors": cache.vectors, "values": cache.values, "info": cache.info},
+                           Path(out_dir) / CURVATURE_FILE)
+        body["stages"] = {"load_s": load_s, "job_s": time.perf_counter() - started}
+        if out_dir is not None:
             _write_result(Path(out_dir), body)
         beat("done", status=body["status"])
         return body

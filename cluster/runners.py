@@ -18,6 +18,7 @@ import logging
 import shutil
 import tempfile
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,10 +27,12 @@ from eraser.influence import Shard
 from cluster.config import RunnerSpec
 from cluster.errors import JobFailedError
 from cluster.jobs import (
+    CurvatureJob,
     ErasureJob,
     Heartbeat,
     JobResult,
     TrainingJob,
+    execute_curvature,
     execute_erasure,
     execute_training,
     read_result,
@@ -50,6 +53,14 @@ class JobRunner(abc.ABC):
     def run_training_job(self, job: TrainingJob) -> JobResult:
         """Train the tenant's first adapter; the result holds it when ``ok``."""
 
+    @abc.abstractmethod
+    def run_curvature_job(self, job: CurvatureJob) -> JobResult:
+        """Build an adapter version's low-rank curvature; ``result.load_curvature()`` when ``ok``."""
+
+    def share(self, value: Any) -> Any:
+        """How a job of this runner receives a large object the caller keeps (here: the object itself)."""
+        return value
+
     def describe(self) -> dict[str, Any]:
         """What ran the job, for manifests and receipts."""
         return {"runner": type(self).__name__}
@@ -63,6 +74,9 @@ class LocalJobRunner(JobRunner):
 
     def run_training_job(self, job: TrainingJob) -> JobResult:
         return self._run(lambda out: execute_training(job, out, Heartbeat(job.heartbeat_dir, 0)))
+
+    def run_curvature_job(self, job: CurvatureJob) -> JobResult:
+        return self._run(lambda out: execute_curvature(job, Shard(), out, Heartbeat(job.heartbeat_dir, 0)))
 
     def describe(self) -> dict[str, Any]:
         return {"runner": "local", "world_size": 1}
@@ -105,19 +119,26 @@ def _report(rank: int, status: str, out_dir: Path | None) -> None:
         ray.train.report({"status": status})
 
 
-def _erasure_worker(config: dict) -> None:
-    """The per-worker loop of an erasure job (module level: Ray pickles it by reference)."""
+def _sharded_worker(config: dict) -> None:
+    """The per-worker loop of an erasure or curvature job (module level: Ray pickles it by reference).
+
+    Every worker takes its shard of the records; sums are all-reduced; rank 0 writes the result.
+    """
+    import ray
     import ray.train
     import ray.train.torch
 
-    job: ErasureJob = config["job"]
+    job = config["job"]
+    if isinstance(job, ErasureJob) and isinstance(job.curvature, ray.ObjectRef):
+        job = replace(job, curvature=ray.get(job.curvature))  # the coordinator's warmed curvature
+    execute = execute_erasure if isinstance(job, ErasureJob) else execute_curvature
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device() if config.get("use_gpu") else None
     shard = Shard(rank=rank, world_size=world_size, reduce=_all_reduce_sum(device))
     out_dir = Path(tempfile.mkdtemp(prefix="eraser-result-")) if rank == 0 else None
     try:
-        body = execute_erasure(job, shard, out_dir, Heartbeat(job.heartbeat_dir, rank))
+        body = execute(job, shard, out_dir, Heartbeat(job.heartbeat_dir, rank))
         _report(rank, body["status"], out_dir)
     finally:
         if out_dir is not None:
@@ -154,8 +175,18 @@ class RayTrainJobRunner(JobRunner):
                 "max_failures": self.spec.max_failures}
 
     def run_erasure_job(self, job: ErasureJob) -> JobResult:
-        return self._fit(_erasure_worker, job, f"erase-{job.tenant}-{job.job_id or uuid.uuid4().hex[:8]}",
+        return self._fit(_sharded_worker, job, f"erase-{job.tenant}-{job.job_id or uuid.uuid4().hex[:8]}",
                          self.spec.num_workers)
+
+    def run_curvature_job(self, job: CurvatureJob) -> JobResult:
+        return self._fit(_sharded_worker, job, f"curvature-{job.tenant}-{job.job_id or uuid.uuid4().hex[:8]}",
+                         self.spec.num_workers)
+
+    def share(self, value: Any) -> Any:
+        """A Ray ObjectRef: the workers fetch it from the object store; freed when the caller drops it."""
+        import ray
+
+        return ray.put(value)
 
     def run_training_job(self, job: TrainingJob) -> JobResult:
         return self._fit(_training_worker, job, f"train-{job.tenant}-{job.job_id or uuid.uuid4().hex[:8]}", 1)

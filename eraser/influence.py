@@ -111,6 +111,32 @@ def adapter_fingerprint(params: Sequence[torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+# The SolveConfig fields a cached curvature depends on (damping, tolerances and the solver's own
+# iterations do not change it, so one cache serves every damping the pipeline escalates through).
+CURVATURE_CACHE_FIELDS = ("curvature", "cache_method", "rank", "cache_samples", "cache_draws", "cache_iters", "seed")
+
+
+def curvature_cache_key(config: SolveConfig) -> dict:
+    return {name: getattr(config, name) for name in CURVATURE_CACHE_FIELDS}
+
+
+def curvature_mismatch(cache: "solvers.LowRankCurvature", params: Sequence[torch.Tensor],
+                       config: SolveConfig) -> str | None:
+    """Why ``cache`` cannot stand for the curvature of the adapter ``params`` under ``config`` (None: it can)."""
+    dim = num_parameters(params)
+    if cache.vectors.shape[0] != dim:
+        return f"cached curvature has dimension {cache.vectors.shape[0]}, the adapter {dim}"
+    built_for = cache.info.get("adapter")
+    if built_for is not None and built_for != adapter_fingerprint(params):
+        return (f"cached curvature was built for adapter weights {built_for[:12]}, not these "
+                f"({adapter_fingerprint(params)[:12]}): rebuild it for this adapter version")
+    built_with = cache.info.get("config")
+    if built_with is not None and built_with != curvature_cache_key(config):
+        changed = sorted(k for k in CURVATURE_CACHE_FIELDS if built_with.get(k) != getattr(config, k))
+        return f"cached curvature was built with other settings ({', '.join(changed)})"
+    return None
+
+
 class InfluenceSystem:
     """Gradients and the damped curvature operator of ``L(theta) = (1/n) sum_i l(z_i)`` at one adapter.
 
@@ -216,20 +242,17 @@ class InfluenceSystem:
             cache = solvers.eigen_from_factor(factor, cfg.rank, count=m)
         cache.info.update(method=cfg.cache_method, samples=len(indices), draws=cfg.cache_draws,
                           curvature=cfg.curvature, record_passes=self.record_passes - passes_before,
-                          wall_time_s=time.perf_counter() - started, adapter=adapter_fingerprint(self.params))
+                          wall_time_s=time.perf_counter() - started, adapter=adapter_fingerprint(self.params),
+                          config=curvature_cache_key(cfg))
         logger.info("cached %s curvature: rank %d, top eigenvalue %.4g, %d records, %.1fs", cfg.cache_method,
                     cache.rank, cache.top, len(indices), cache.info["wall_time_s"])
         self._cache = cache
         return cache
 
     def _check_cache(self, cache: "solvers.LowRankCurvature") -> None:
-        if cache.vectors.shape[0] != self.dim:
-            raise StaleCurvatureError(f"cached curvature has dimension {cache.vectors.shape[0]}, the adapter {self.dim}")
-        built_for = cache.info.get("adapter")
-        if built_for is not None and built_for != adapter_fingerprint(self.params):
-            raise StaleCurvatureError(
-                f"cached curvature was built for adapter weights {built_for[:12]}, not these "
-                f"({adapter_fingerprint(self.params)[:12]}): rebuild it for this adapter version")
+        why = curvature_mismatch(cache, self.params, self.config)
+        if why is not None:
+            raise StaleCurvatureError(why)
 
     def top_eigenvalue(self) -> float:
         """Largest eigenvalue of the (undamped) curvature: the cached low-rank curvature's for ``eigen``,

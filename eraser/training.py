@@ -115,7 +115,7 @@ def train_lora(
             report.steps += 1
             report.loss_history.append(loss.item())
             if progress:
-                progress(report.steps, total, float(loss))
+                progress(report.steps, total, report.loss_history[-1])
         report.epochs = epoch + 1
     model.eval()
     report.final_loss = report.loss_history[-1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from cli.synthetic import customer_records
@@ -13,6 +14,8 @@ BASE_NAME = "tiny-llama"
 # Small enough for a 2-core machine, head_dim 32 (vLLM's smallest), CG converges in ~20 iterations.
 SOLVE = SolveConfig(solver="cg", curvature="ggn", damping=0.1, tol=1e-3, max_iters=100, power_iters=10)
 PIPELINE = PipelineConfig(solve=SOLVE)
+# The service's default solver (CG preconditioned by the cached low-rank curvature), sized for the tiny tenant.
+EIGEN = replace(SOLVE, solver="eigen", tol=5e-2, max_iters=30, rank=48, cache_samples=32)
 
 
 def tenant_records(tenant: str, customers: int = 10, per_customer: int = 4, seed: int = 0) -> list[Record]:

@@ -6,13 +6,14 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+import torch
 
 from cluster import CoordinatorOptions, ErasureCoordinator, JobRunner, LocalErasureService, LocalJobRunner
 from eraser.verify import split_heldout
 from tenants.models import ReceiptStatus
 from tenants.store import TenantStore
 from tests.cluster.conftest import onboard_local
-from tests.cluster.helpers import PIPELINE, SOLVE, remove_subject
+from tests.cluster.helpers import EIGEN, PIPELINE, SOLVE, remove_subject
 
 OPTIONS = CoordinatorOptions(pipeline=PIPELINE, purge_grace_seconds=0)
 
@@ -27,6 +28,9 @@ class NeverRun(JobRunner):
 
     def run_training_job(self, job):
         raise AssertionError("training re-run")
+
+    def run_curvature_job(self, job):
+        raise AssertionError("curvature built")
 
 
 def coordinator(store, runner=None, options=OPTIONS, hooks=()):
@@ -213,3 +217,51 @@ def test_local_service_submit_is_idempotent_and_processes_tenants_in_parallel(gr
                                                                                   "globex": ["published"]}
     for tenant in ("acme", "globex"):
         assert store.get_receipt(tenant, f"{tenant}-1").status == ReceiptStatus.published
+
+
+def test_a_warmed_curvature_gives_the_update_the_job_would_build_and_a_stale_one_is_not_used(grace0_settings,
+                                                                                             tiny_base):
+    from cluster.jobs import CurvatureJob, ErasureJob
+    from safetensors.torch import load_file
+
+    store, records = onboard_local(grace0_settings, tiny_base)
+    runner = LocalJobRunner()
+    with runner.run_curvature_job(CurvatureJob("acme", grace0_settings, "v000001", "d000001", EIGEN)) as result:
+        assert result.ok, result.error
+        warmed = result.load_curvature()
+    assert warmed.rank > 0 and warmed.info["config"]["rank"] == EIGEN.rank
+
+    request = remove_subject("acme", "req-1", records["acme"], 1)
+    selected = [r.id for r in records["acme"] if r.subject == request["subjects"][0]]
+    updates, sources = {}, {}
+    for name, curvature in (("built", None), ("warmed", warmed),
+                            ("stale", replace(warmed, info={**warmed.info, "adapter": "0" * 64}))):
+        job = ErasureJob("acme", grace0_settings, "v000001", "d000001", (request,), {"req-1": tuple(selected)},
+                         pipeline=replace(PIPELINE, solve=EIGEN), curvature=curvature)
+        with runner.run_erasure_job(job) as result:
+            assert result.ok, result.error
+            updates[name] = load_file(result.adapter_dir / "adapter_model.safetensors")
+            sources[name] = result.body["solver"]["curvature_cache"]
+    assert sources == {"built": "built in this job", "warmed": "warmed after the adapter version was published",
+                       "stale": "built in this job"}
+    for key, tensor in updates["built"].items():
+        assert torch.equal(updates["warmed"][key], tensor)  # the same curvature, bit for bit
+        assert torch.equal(updates["stale"][key], tensor)
+
+
+def test_the_coordinator_warms_head_uses_it_once_and_drops_it_when_head_moves(grace0_settings, tiny_base):
+    store, records = onboard_local(grace0_settings, tiny_base)
+    core = coordinator(store, options=replace(OPTIONS, pipeline=replace(PIPELINE, solve=EIGEN)))
+    assert core.warmed_version is None
+    assert core.warm_curvature() and core.warmed_version == "v000001"
+    assert not core.warm_curvature()  # already warm: no second job
+
+    core.submit(remove_subject("acme", "req-1", records["acme"], 1))
+    assert [r.status for r in core.run_until_idle()] == ["published"]
+    receipt = store.get_receipt("acme", "req-1")
+    assert receipt.solver["curvature_cache"] == "warmed after the adapter version was published"
+    assert core.warmed_version is None  # v000001's curvature (estimated from the erased records) is gone
+    assert core.warm_curvature() and core.warmed_version == "v000002"
+
+    cold = coordinator(store, runner=NeverRun(), options=replace(OPTIONS, warm_curvature=False))
+    assert not cold.warm_curvature()  # switched off: no job

@@ -22,7 +22,7 @@ from cluster.actors import stop_coordinator
 from cluster.jobs import ErasureJob
 from tenants.models import ReceiptStatus
 from tests.cluster.conftest import onboard_local
-from tests.cluster.helpers import PIPELINE, SOLVE, create_tenant, remove_subject, tenant_records
+from tests.cluster.helpers import EIGEN, PIPELINE, SOLVE, create_tenant, remove_subject, tenant_records
 from tests.cluster.ray_head import RAY
 from tests.tolerances import DISTRIBUTED, assert_close
 
@@ -94,10 +94,17 @@ def test_onboarding_and_erasure_through_the_coordinator_actor(ray_cluster, grace
     records = tenant_records("acme")
     create_tenant(store, "acme", tiny_base, records)
     board = ray.remote(SwitchBoard).options(name="switchboard", namespace=namespace, num_cpus=0).remote()
-    service = RayErasureService(grace0_settings, RunnerSpec(num_workers=2, max_failures=0), OPTIONS, namespace=namespace)
+    options = replace(OPTIONS, pipeline=replace(PIPELINE, solve=EIGEN))
+    service = RayErasureService(grace0_settings, RunnerSpec(num_workers=2, max_failures=0), options, namespace=namespace)
     service.register_publish_hook("serve", ActorMethodHook("switchboard", namespace=namespace))
     try:
         assert service.onboard("acme") == "v000001"  # a Ray Train training job
+        # then, in the background, a curvature job on 2 workers; the actor keeps it in the object store
+        coordinator = service.coordinator("acme")
+        deadline = time.monotonic() + 240
+        while ray.get(coordinator.describe.remote())["curvature_warmed_for"] != "v000001":
+            assert time.monotonic() < deadline, ray.get(coordinator.describe.remote())
+            time.sleep(0.5)
         request = remove_subject("acme", "req-1", records, 2)
         erased = {r.id for r in records if r.subject == request["subjects"][0]}
         assert service.submit(request).status == ReceiptStatus.pending
@@ -113,6 +120,7 @@ def test_onboarding_and_erasure_through_the_coordinator_actor(ray_cluster, grace
         assert erased.isdisjoint(r.id for r in store.read_dataset("acme", head.data))
         assert store.list_adapter_versions("acme") == ["v000002"] and store.list_data_versions("acme") == ["d000002"]
         assert receipt.solver["extra"]["world_size"] == 2 and receipt.solver["converged"]
+        assert receipt.solver["curvature_cache"] == "warmed after the adapter version was published"
         assert receipt.path == "influence" and receipt.checks["guard"]["passed"] and receipt.purged
         assert sorted(receipt.records_affected) == sorted(erased)
         assert store.get_adapter_manifest("acme", "v000002").arguments["runner"]["runner"] == "ray-train"

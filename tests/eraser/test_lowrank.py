@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -156,8 +158,12 @@ def test_influence_system_eigen_solver_matches_explicit_damped_ggn(small_system,
     assert report.converged and report.relative_residual <= 1.5e-8
     assert report.extra["cache"]["record_passes"] == len(subset) and report.extra["cached_top_eigenvalue"] > 0
 
-    shared = InfluenceSystem(model, tokenizer, subset, SolveConfig(**common, rank=dim), cache=sampled.curvature_cache())
+    # damping does not change the curvature: one cache serves every damping the pipeline escalates to
+    shared = InfluenceSystem(model, tokenizer, subset, replace(sampled.config, damping=10 * sampled.config.damping),
+                             cache=sampled.curvature_cache())
     assert shared.curvature_cache() is sampled.curvature_cache() and shared.record_passes == 0
+    with pytest.raises(StaleCurvatureError, match="cache_draws"):  # what it was built with does
+        InfluenceSystem(model, tokenizer, subset, SolveConfig(**common, rank=dim), cache=sampled.curvature_cache())
 
 
 def test_a_cache_of_another_adapter_version_is_refused(tiny_model, records, tokenizer):
