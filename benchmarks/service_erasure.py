@@ -5,11 +5,11 @@ SeaweedFS), onboarded in-process, then the product's jobs through the product's 
 Ray: the curvature job a coordinator runs when idle (``CurvatureJob``), and the same erasure job
 (remove one customer, the default verified pipeline: solver ``eigen``, membership test, guard) once
 cold (the job builds the curvature) and once warm (the job receives the warmed one). Per tenant size
-and runner (Ray Train with 1 or more workers, and in-process): wall seconds of each job, the job's
-own stages, and whether the warm and cold updates are the same bits.
+and runner (Ray Train with N workers, a pooled Ray task, in-process): wall seconds of each job, the
+job's own stages, and whether the warm and cold updates are the same bits.
 
     .venv/bin/python -m benchmarks.service_erasure                          # 200 and 600 records
-    .venv/bin/python -m benchmarks.service_erasure --customers 40 --workers 1 2
+    .venv/bin/python -m benchmarks.service_erasure --customers 40 --runners ray-train:1 ray-train:2 ray-task
 
 Writes ``benchmarks/results/service_erasure.json`` (or ``--out``) and prints a Markdown table.
 Timings are measurements of this machine, never test assertions.
@@ -103,6 +103,20 @@ def measure(store, records: list, runner, label: str) -> dict:
     return row
 
 
+def make(name: str):
+    """(runner, label) for a ``--runners`` entry."""
+    from cluster import LocalJobRunner, RayTaskJobRunner, RayTrainJobRunner, RunnerSpec
+
+    if name == "in-process":
+        return LocalJobRunner(), "in-process"
+    if name == "ray-task":
+        return RayTaskJobRunner(RunnerSpec(max_failures=0)), "Ray task (pooled worker)"
+    if name.startswith("ray-train:"):
+        workers = int(name.split(":", 1)[1])
+        return RayTrainJobRunner(RunnerSpec(num_workers=workers, max_failures=0)), f"Ray Train, {workers} worker(s)"
+    raise SystemExit(f"unknown runner {name!r}: use ray-train:N, ray-task or in-process")
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| records | runner | curvature job (build) s | erasure cold s | erasure warm s | saved | influence cold / warm s | path | same update |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -121,9 +135,9 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--customers", type=int, nargs="+", default=[40, 120],
                         help="tenant sizes, in customers (5 records each)")
-    parser.add_argument("--workers", type=int, nargs="+", default=[1], help="Ray Train worker counts to measure")
-    parser.add_argument("--in-process", action=argparse.BooleanOptionalAction, default=True,
-                        help="also measure the in-process runner (no Ray Train launch)")
+    parser.add_argument("--runners", nargs="+", default=["ray-train:1", "ray-task", "in-process"],
+                        help="ray-train:N (Ray Train, N workers), ray-task (one pooled Ray worker: the service's "
+                             "default for one worker), in-process")
     parser.add_argument("--epochs", type=int, default=3, help="onboarding epochs (timing barely depends on it)")
     parser.add_argument("--ray-cpus", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
@@ -134,7 +148,6 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from cluster import LocalJobRunner, RayTrainJobRunner, RunnerSpec
     from tenants.embedded import EmbeddedS3
     from tenants.store import TenantStore
 
@@ -149,11 +162,8 @@ def main(argv: list[str] | None = None) -> int:
                 store = TenantStore(settings)
                 store.ensure_bucket()
                 records = build_tenant(store, root, customers, 5, args.epochs, args.seed)
-                for workers in args.workers:
-                    runner = RayTrainJobRunner(RunnerSpec(num_workers=workers, max_failures=0))
-                    rows.append(measure(store, records, runner, f"Ray Train, {workers} worker(s)"))
-                if args.in_process:
-                    rows.append(measure(store, records, LocalJobRunner(), "in-process"))
+                for name in args.runners:
+                    rows.append(measure(store, records, *make(name)))
     finally:
         ray.shutdown()
     result = {"benchmark": "service_erasure", "argv": argv, "options": {k: str(v) for k, v in vars(args).items()},

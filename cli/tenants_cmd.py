@@ -259,7 +259,8 @@ def register_cluster_commands(actions: Any, common: argparse.ArgumentParser) -> 
     target = where.add_mutually_exclusive_group()
     target.add_argument("--address", help="Ray cluster to submit to (default: $RAY_ADDRESS; neither: run locally)")
     target.add_argument("--local", action="store_true", help="run the job in this process (no Ray)")
-    where.add_argument("--workers", type=int, help="Ray Train workers per job (default ERASER_CLUSTER_WORKERS or 1)")
+    where.add_argument("--workers", type=int, help="workers per job (default ERASER_CLUSTER_WORKERS or 1): more than 1 runs a Ray "
+                       "Train job, 1 a pooled Ray task (ERASER_CLUSTER_RUNNER=ray-train forces Train)")
     where.add_argument("--gpu", action="store_true", help="one GPU per Ray Train worker (NCCL)")
     where.add_argument("--namespace", help="Ray namespace of the coordinators (default eraser)")
 
@@ -291,7 +292,7 @@ def _erasure_service(args: argparse.Namespace, store: Any) -> Any:
 
     options = CoordinatorOptions(purge_grace_seconds=getattr(args, "purge_grace", None))
     use_ray = not args.local and bool(args.address or os.environ.get("RAY_ADDRESS"))
-    spec: dict[str, Any] = {"kind": "ray" if use_ray else "local", "use_gpu": args.gpu}
+    spec: dict[str, Any] = {"use_gpu": args.gpu} | ({} if use_ray else {"kind": "local"})  # ray: ERASER_CLUSTER_RUNNER
     if args.workers is not None:
         spec["num_workers"] = args.workers
     if not use_ray:

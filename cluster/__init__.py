@@ -16,7 +16,7 @@ from cluster.errors import (
     NotOnboardedError,
 )
 from cluster.jobs import ErasureJob, JobResult, TrainingJob
-from cluster.runners import JobRunner, LocalJobRunner, RayTrainJobRunner, make_runner
+from cluster.runners import JobRunner, LocalJobRunner, RayTaskJobRunner, RayTrainJobRunner, make_runner
 from cluster.service import ErasureService, LocalErasureService, RayErasureService
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "NotOnboardedError",
     "PublishHook",
     "RayErasureService",
+    "RayTaskJobRunner",
     "RayTrainJobRunner",
     "RunnerSpec",
     "TrainingJob",

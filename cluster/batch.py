@@ -233,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--address", help="Ray cluster to use (default: RAY_ADDRESS, as set by `ray job submit`)")
     where.add_argument("--local", action="store_true", help="no Ray: run every job in this process")
-    parser.add_argument("--workers", type=int, default=None, help="Ray Train workers per erasure (default ERASER_CLUSTER_WORKERS or 1)")
+    parser.add_argument("--workers", type=int, default=None, help="workers per erasure (default ERASER_CLUSTER_WORKERS or 1): more than 1 runs a Ray Train job, "
+                        "1 a pooled Ray task (ERASER_CLUSTER_RUNNER=ray-train forces Train)")
     parser.add_argument("--gpu", action="store_true", help="one GPU per Train worker (NCCL)")
     parser.add_argument("--max-failures", type=int, default=None, help="Train retries after a worker dies (default 1)")
     parser.add_argument("--namespace", default=NAMESPACE, help=f"Ray namespace of the coordinators (default {NAMESPACE})")
@@ -256,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def options_from_args(args: argparse.Namespace) -> tuple[RunnerSpec, CoordinatorOptions]:
-    runner_fields: dict[str, Any] = {"kind": "local" if args.local else "ray", "use_gpu": args.gpu}
+    runner_fields: dict[str, Any] = {"use_gpu": args.gpu} | ({"kind": "local"} if args.local else {})
     if args.workers is not None:
         runner_fields["num_workers"] = args.workers
     if args.max_failures is not None:

@@ -33,8 +33,11 @@ def _env_bool(name: str, default: bool) -> bool:
 class RunnerSpec:
     """Which job runner executes erasure and training jobs, and with what resources."""
 
-    kind: Literal["ray", "local"] = "ray"  # ray = Ray Train TorchTrainer; local = in this process, world size 1
-    num_workers: int = field(default_factory=lambda: _env_int("ERASER_CLUSTER_WORKERS", 1))  # Train workers per erasure
+    # ray: on the Ray cluster, Ray Train (TorchTrainer) for more than one worker and a pooled Ray task for
+    # one (a Train launch costs ~16 s on 2 cores); ray-train: always Train; local: this process, world size 1.
+    kind: Literal["ray", "ray-train", "local"] = field(
+        default_factory=lambda: os.environ.get("ERASER_CLUSTER_RUNNER") or "ray")
+    num_workers: int = field(default_factory=lambda: _env_int("ERASER_CLUSTER_WORKERS", 1))  # workers per erasure
     use_gpu: bool = field(default_factory=lambda: _env_bool("ERASER_CLUSTER_USE_GPU", False))  # one GPU per worker, NCCL
     cpus_per_worker: float = 1.0  # CPUs each Train worker reserves
     max_failures: int = field(default_factory=lambda: _env_int("ERASER_CLUSTER_MAX_FAILURES", 1))  # Train retries after a worker dies
@@ -43,8 +46,8 @@ class RunnerSpec:
     storage_path: str | None = field(default_factory=lambda: os.environ.get("ERASER_CLUSTER_STORAGE") or None)
 
     def __post_init__(self) -> None:
-        if self.kind not in ("ray", "local"):
-            raise ClusterError(f"runner kind must be 'ray' or 'local', got {self.kind!r}")
+        if self.kind not in ("ray", "ray-train", "local"):
+            raise ClusterError(f"runner kind must be 'ray', 'ray-train' or 'local', got {self.kind!r}")
         if self.num_workers < 1:
             raise ClusterError(f"num_workers must be >= 1, got {self.num_workers!r}")
         if self.max_failures < 0:

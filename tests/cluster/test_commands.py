@@ -81,3 +81,18 @@ def test_requests_parse_from_a_list_an_object_or_json_lines():
     assert [e.request.request_id for e in batch.parse_requests(json.dumps(one, indent=2), "f")] == ["a"]
     (bad,) = batch.parse_requests(json.dumps({**one, "kind": "forget"}), "f")
     assert bad.request is None and "kind" in bad.error
+
+
+def test_the_ray_runner_uses_train_for_several_workers_and_a_pooled_task_for_one(monkeypatch):
+    from cluster import LocalJobRunner, RayTaskJobRunner, RayTrainJobRunner, RunnerSpec, make_runner
+    from cluster.errors import ClusterError
+
+    assert isinstance(make_runner(RunnerSpec(num_workers=1)), RayTaskJobRunner)
+    assert isinstance(make_runner(RunnerSpec(num_workers=2)), RayTrainJobRunner)
+    assert isinstance(make_runner(RunnerSpec(kind="ray-train", num_workers=1)), RayTrainJobRunner)
+    assert isinstance(make_runner(RunnerSpec(kind="local")), LocalJobRunner)
+    monkeypatch.setenv("ERASER_CLUSTER_RUNNER", "ray-train")
+    assert RunnerSpec().kind == "ray-train"
+    monkeypatch.setenv("ERASER_CLUSTER_RUNNER", "slurm")
+    with pytest.raises(ClusterError, match="runner kind"):
+        RunnerSpec()

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cluster import CoordinatorOptions, LocalJobRunner, RayErasureService, RayTrainJobRunner, RunnerSpec
+from cluster import (CoordinatorOptions, LocalJobRunner, RayErasureService, RayTaskJobRunner, RayTrainJobRunner,
+                     RunnerSpec, make_runner)
 from cluster.actors import stop_coordinator
 from cluster.jobs import ErasureJob
 from tenants.models import ReceiptStatus
@@ -46,7 +47,8 @@ def erasure_job(store, records, request_id="req-1", pipeline=PIPELINE, heartbeat
                       job_id=uuid.uuid4().hex[:6], heartbeat_dir=heartbeat_dir)
 
 
-def test_one_and_two_ray_train_workers_give_the_same_update(ray_cluster, grace0_settings, tiny_base, capsys):
+def test_ray_train_with_one_and_two_workers_and_a_ray_task_give_the_same_update(ray_cluster, grace0_settings,
+                                                                               tiny_base, capsys):
     store, records = onboard_local(grace0_settings, tiny_base)
     job = erasure_job(store, records["acme"])
     parent = lora_vector(store.download_adapter("acme", job.adapter_version))
@@ -60,10 +62,18 @@ def test_one_and_two_ray_train_workers_give_the_same_update(ray_cluster, grace0_
             seconds[workers] = (time.perf_counter() - started, result.body["stages"])
     with LocalJobRunner().run_erasure_job(job) as result:
         steps["local"] = lora_vector(result.adapter_dir) - parent
+    runner = make_runner(RunnerSpec(num_workers=1, max_failures=0))
+    assert isinstance(runner, RayTaskJobRunner)  # one worker: a pooled Ray task, no Train launch
+    for _ in range(2):  # the second run reuses the worker process
+        with runner.run_erasure_job(job) as result:
+            assert result.ok, result.error
+            assert result.body["world_size"] == 1
+            steps["task"] = lora_vector(result.adapter_dir) - parent
 
     assert float(steps[1].norm()) > 0
     assert_close(steps[2], steps[1], DISTRIBUTED)
     assert_close(steps["local"], steps[1], DISTRIBUTED)
+    assert_close(steps["task"], steps["local"], DISTRIBUTED)
     with capsys.disabled():
         for workers, (wall, stages) in seconds.items():
             print(f"\n[measure] erasure with {workers} Ray Train worker(s): {wall:.1f}s end to end, "
