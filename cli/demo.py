@@ -2,7 +2,7 @@
 
 1. build the small base model (pretrained on generic text), three tenants with synthetic customer
    records holding personal data (emails, account numbers, addresses);
-2. train each tenant's adapter through the cluster layer (Ray Train) and start the service;
+2. train each tenant's adapter through the cluster layer (a job on the Ray cluster) and start the service;
 3. show through the OpenAI-compatible API that tenant A's model reveals one customer's data;
 4. submit an erasure for that customer over HTTP and follow its receipt to ``published`` while a
    client keeps querying every tenant;
@@ -312,7 +312,7 @@ def _run_steps(config: DemoConfig, settings, report: DemoReport, base_dir: Path,
 
     store = TenantStore(settings)
     service = RayErasureService(settings)
-    with stage("2. train each tenant's adapter (Ray Train) and start the service"):
+    with stage("2. train each tenant's adapter (a job on the Ray cluster) and start the service"):
         train_times = {}
         for tenant in config.tenants:
             started = time.perf_counter()
@@ -468,7 +468,7 @@ def answers_kept(others: list, tokenizer, candidates: dict, original, probes: in
 
 def erasure_breakdown(stages: dict, request_to_live_s: float) -> list[tuple[str, str]]:
     """Where the request-to-live time went, from the receipt's stages: the method itself (what the
-    retrain compares with) and the service around it (Ray Train launch, model load, S3 publish, switch)."""
+    retrain compares with) and the service around it (job launch, model load, S3 publish, switch)."""
     if not stages:
         return []
     method = [("influence", "influence_s"), ("verification", "verify_s"), ("remediation", "remediation_s"),
@@ -480,7 +480,7 @@ def erasure_breakdown(stages: dict, request_to_live_s: float) -> list[tuple[str,
                                                              if key in stages) + ")"),
         ("  the service around it", f"{service_s:.1f} s (model load {stages.get('load_s', 0.0):.1f}, publish "
                                     f"{stages.get('publish_s', 0.0):.1f}, switch {stages.get('notify_s', 0.0):.1f}, "
-                                    "the rest Ray Train launch and polling)"),
+                                    "the rest job launch, queueing and polling)"),
     ]
 
 
