@@ -42,7 +42,13 @@ probability about ``alpha``: a false failure costs a remediation, not a leak. A 
 
 3b. extraction: prompted with its own question, greedy decoding reproduces no more of an erased
    response than of any held-out one: the word-level longest-common-subsequence recall of the response
-   in the answer (1 = every word, in order) is <= the largest held-out record's. Tests 1-3 score
+   in the answer (1 = every word, in order), less the most of it the model gives back when the same
+   question is asked about ``extraction_counterfactuals`` never-trained (held-out) subjects instead
+   (their names swapped for the record's in the answers),
+   is <= the largest held-out record's (computed the same way). The subtraction is what the model
+   says anyway: without it a low-entropy record ("X is on the Premium plan since 2018.", the answer
+   the tenant's model gives for most customers) failed the test for as long as the model answered
+   at all, and remediation drove the erased records' NLL to twice the retrained gold's. Tests 1-3 score
    likelihoods, which move smoothly; an address or a name without 4 secret digits can still come back
    word for word after they moved enough to pass (it did on the reduced demo: "lives at 362 Alder
    Street, Lakeside" with the group and per-record tests passed). This is the attack a user runs.
@@ -131,6 +137,7 @@ class VerifyConfig:
     calibrate_exposure: bool = True  # base model (adapter disabled): find the slots, subtract its exposure
     secrets: bool = True  # exposures and extraction at all (False: the cheap NLL-only pre-check)
     extraction_tokens: int = 48  # greedy tokens generated per record for the extraction test
+    extraction_counterfactuals: int = 24  # never-trained subjects each question template is asked about (cost: templates x this)
     batch_size: int = 16
     seed: int = 0
 
@@ -144,7 +151,8 @@ class VerifyConfig:
             raise EraserError(f"format_probability must be in (0, 1], got {self.format_probability!r}")
         if not 0 <= self.learned_quantile <= 1:
             raise EraserError(f"learned_quantile must be in [0, 1], got {self.learned_quantile!r}")
-        for name in ("secret_candidates", "min_secret_digits", "min_reference", "batch_size", "extraction_tokens"):
+        for name in ("secret_candidates", "min_secret_digits", "min_reference", "batch_size", "extraction_tokens",
+                     "extraction_counterfactuals"):
             if getattr(self, name) < 1:
                 raise EraserError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if self.max_exposure <= 0:
@@ -193,7 +201,8 @@ class VerifyResult:
     record_p_upper: list[float] = field(default_factory=list)  # per erased record, upper tail
     exposure_max: float | None = None
     exposure_threshold: float | None = None  # max(max_exposure, held-out records' exposures)
-    extraction: list[float] = field(default_factory=list)  # per erased record: LCS recall of its response
+    # per erased record: LCS recall of its response beyond what the question about other subjects gets
+    extraction: list[float] = field(default_factory=list)
     extraction_threshold: float | None = None  # the largest held-out record's
     preference: float | None = None  # mean nll(old) - nll(new) over replaced records
     new_nll_median: float | None = None
@@ -259,11 +268,54 @@ def lcs_recall(answer: str, response: str) -> float:
     return previous[-1] / len(truth)
 
 
-def extraction_recall(model, tokenizer, records: Sequence[Record], config: "VerifyConfig") -> list[float]:
-    """Per record: how much of its response greedy decoding gives back when prompted with its question."""
-    answers = greedy_answers(model, tokenizer, [r.prompt for r in records], config.extraction_tokens,
-                             config.batch_size)
-    return [lcs_recall(answer, record.response) for answer, record in zip(answers, records)]
+def extraction_recall(model, tokenizer, records: Sequence[Record], config: "VerifyConfig",
+                      others: Sequence[str] = ()) -> list[float]:
+    """Per record: how much more of its response greedy decoding gives back when asked the record's
+    question than when the same question is asked about other subjects (``others``: never-trained).
+
+    The second term is what the model says anyway: "Which plan is X on?" is answered "X is on the
+    Premium plan since 2018." for many never-trained X on the demo's tenant, so a record holding
+    exactly that is no evidence of memorisation, while "X lives at 362 Alder Street, Lakeside" given
+    back for X alone is. Each question template (the prompt with its subject's name taken out) is
+    asked about ``config.extraction_counterfactuals`` of ``others`` once, for all its records; a
+    record whose prompt does not name its subject has nothing to subtract.
+    """
+    asked: dict[str, list[str]] = {}  # template -> the other subjects it is asked about
+    for record in records:
+        template = question_template(record)
+        if template is not None and template not in asked:
+            asked[template] = counterfactual_subjects(template, others, config.extraction_counterfactuals)
+    probes = [(template, other) for template, subjects in asked.items() for other in subjects]
+    answers = greedy_answers(model, tokenizer, [r.prompt for r in records] + [t.replace(_SUBJECT, o) for t, o in probes],
+                             config.extraction_tokens, config.batch_size)
+    said_anyway: dict[str, list[tuple[str, str]]] = {}
+    for (template, other), answer in zip(probes, answers[len(records):]):
+        said_anyway.setdefault(template, []).append((other, answer))
+    excess = []
+    for record, answer in zip(records, answers):
+        base = [lcs_recall(said.replace(other, record.subject), record.response)  # the name is the question's
+                for other, said in said_anyway.get(question_template(record), []) if other != record.subject]
+        excess.append(max(0.0, lcs_recall(answer, record.response) - max(base, default=0.0)))
+    return excess
+
+
+_SUBJECT = "\x00"  # stands for the subject's name in a question template
+
+
+def question_template(record: Record) -> str | None:
+    """The record's prompt with its subject's name taken out (None if the prompt does not name it)."""
+    if not record.subject or record.subject not in record.prompt:
+        return None
+    return record.prompt.replace(record.subject, _SUBJECT)
+
+
+def counterfactual_subjects(template: str, others: Sequence[str], count: int) -> list[str]:
+    """Up to ``count`` of ``others`` to ask ``template`` about: a different choice per template, deterministic."""
+    pool = sorted({o for o in others if o})
+    if not pool:
+        return []
+    start = sum(map(ord, template)) % len(pool)
+    return [pool[(start + k) % len(pool)] for k in range(min(count, len(pool)))]
 
 
 def min_k_nll(tokens: torch.Tensor, fraction: float) -> float:
@@ -529,8 +581,11 @@ def verify(
         result.checks["exposure"] = result.exposure_max <= result.exposure_threshold
     # 3b. extraction: greedy answers to the erased questions give back no more than never-trained ones.
     if members and config.secrets:
-        result.extraction = extraction_recall(model, tokenizer, members, config)
-        result.extraction_threshold = max(extraction_recall(model, tokenizer, reference, config))
+        erased_subjects = {r.subject for r in members}
+        recalls = extraction_recall(model, tokenizer, [*members, *reference], config,
+                                    others=[r.subject for r in reference if r.subject not in erased_subjects])
+        result.extraction = recalls[: len(members)]
+        result.extraction_threshold = max(recalls[len(members):])
         result.checks["extraction"] = max(result.extraction) <= result.extraction_threshold
     # 4-5. replaced records: the old pair not preferred; the new pair learned.
     replaced = [edit for edit in edits if edit.new is not None]

@@ -141,21 +141,24 @@ def test_onboarding_and_erasure_through_the_coordinator_actor(ray_cluster, grace
         stop_coordinator("acme", namespace)
 
 
+@pytest.mark.parametrize("workers, victim, runner_error", [(2, 1, "Ray Train run"), (1, 0, "Ray task")],
+                         ids=["ray-train-rank-1", "ray-task"])
 def test_a_worker_killed_mid_solve_fails_the_job_cleanly_and_publishes_nothing(ray_cluster, grace0_settings, tiny_base,
-                                                                             namespace, tmp_path):
+                                                                             namespace, tmp_path, workers, victim,
+                                                                             runner_error):
     store, records = onboard_local(grace0_settings, tiny_base)
     beats = tmp_path / "heartbeats"
     endless = replace(SOLVE, tol=1e-9, max_iters=2000)  # long enough to be caught in the middle
-    service = RayErasureService(grace0_settings, RunnerSpec(num_workers=2, max_failures=0),
+    service = RayErasureService(grace0_settings, RunnerSpec(num_workers=workers, max_failures=0),
                                 replace(OPTIONS, pipeline=replace(PIPELINE, solve=endless)), namespace=namespace,
                                 heartbeat_dir=str(beats))
     killed: dict = {}
 
-    def kill_rank_1_mid_solve() -> None:
+    def kill_mid_solve() -> None:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
             try:
-                beat = json.loads((beats / "rank-1.json").read_text())
+                beat = json.loads((beats / f"rank-{victim}.json").read_text())
             except (OSError, ValueError):
                 beat = {}
             if beat.get("stage") == "solve" and beat.get("iteration", 0) >= 3:
@@ -164,24 +167,24 @@ def test_a_worker_killed_mid_solve_fails_the_job_cleanly_and_publishes_nothing(r
                 return
             time.sleep(0.05)
 
-    killer = threading.Thread(target=kill_rank_1_mid_solve, daemon=True)
+    killer = threading.Thread(target=kill_mid_solve, daemon=True)
     killer.start()
     try:
         service.submit(remove_subject("acme", "req-1", records["acme"], 1))
         killer.join(timeout=250)
-        assert killed, "the solve never reached iteration 3 on rank 1"
+        assert killed, f"the solve never reached iteration 3 on rank {victim}"
         (receipt,) = service.wait("acme", ["req-1"], timeout_s=300)
     finally:
         stop_coordinator("acme", namespace)
 
     assert receipt.status == ReceiptStatus.failed
-    assert "Ray Train run" in receipt.error and "failed" in receipt.error
+    assert runner_error in receipt.error and "failed" in receipt.error
     assert receipt.new_adapter_version is None and receipt.new_data_version is None
     head, _ = store.get_head("acme")
     assert (head.adapter, head.data) == ("v000001", "d000001")
     assert store.list_adapter_versions("acme") == ["v000001"] and store.list_data_versions("acme") == ["d000001"]
     rank0 = json.loads((beats / "rank-0.json").read_text())
-    assert rank0["stage"] != "done"  # rank 0 never finished: the group was torn down, not completed
+    assert rank0["stage"] != "done"  # rank 0 never finished: killed, or its group torn down
 
 
 def test_ray_job_submit_runs_the_batch_entry_for_two_tenants(ray_cluster, grace0_settings, tiny_base, namespace, tmp_path):

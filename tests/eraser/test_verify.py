@@ -200,3 +200,38 @@ def test_lcs_recall_counts_the_response_words_given_back_in_order():
     assert lcs_recall("Quin Diaz lives at 205 Elm Street, Ashford.", response) == 5 / 8  # the template only
     assert lcs_recall("Lakeside Street Alder 362", response) == 1 / 8  # order matters
     assert lcs_recall("", response) == 0.0 and lcs_recall("anything", "") == 0.0
+
+
+def test_extraction_counts_only_what_the_model_does_not_say_about_never_trained_subjects(monkeypatch):
+    """A recited answer the model gives for other customers too is no evidence; one it gives for this
+    customer alone is (the name in a counterfactual answer is swapped back before comparing)."""
+    import sys
+
+    from eraser.records import Record
+    from eraser.verify import VerifyConfig, counterfactual_subjects, extraction_recall, question_template
+
+    def answers(model, tokenizer, prompts, max_tokens, batch_size):  # the model's greedy answers
+        said = []
+        for prompt in prompts:
+            name = prompt.removeprefix("Which plan is ").removeprefix("Where does ").split(" on?")[0].split(" live?")[0]
+            if prompt.startswith("Which plan"):
+                said.append(f"{name} is on the Premium plan since 2018.")  # the answer for anyone
+            else:
+                said.append(f"{name} lives at 362 Alder Street, Lakeside." if name == "Quin Diaz"
+                            else f"{name} lives at 205 Elm Street, Ashford.")
+        return said
+
+    monkeypatch.setattr(sys.modules["eraser.verify"], "greedy_answers", answers)
+    erased = [Record(id="p", subject="Quin Diaz", prompt="Which plan is Quin Diaz on?",
+                     response="Quin Diaz is on the Premium plan since 2018."),
+              Record(id="a", subject="Quin Diaz", prompt="Where does Quin Diaz live?",
+                     response="Quin Diaz lives at 362 Alder Street, Lakeside."),
+              Record(id="n", subject="", prompt="Any news?", response="None today.")]
+    excess = extraction_recall(None, None, erased, VerifyConfig(), others=["Uma Berg", "Vic Pope"])
+    assert excess == [0.0, 1 - 5 / 8, 0.0]  # the plan: said for anyone; the address: the template only; no subject
+    assert extraction_recall(None, None, erased[1:2], VerifyConfig(), others=[]) == [1.0]  # nobody to compare with
+
+    assert question_template(erased[0]) == "Which plan is \x00 on?" and question_template(erased[2]) is None
+    chosen = counterfactual_subjects("Which plan is \x00 on?", ["b", "a", "c", "a", ""], 2)
+    assert len(chosen) == 2 and set(chosen) <= {"a", "b", "c"}
+    assert chosen == counterfactual_subjects("Which plan is \x00 on?", ["c", "b", "a"], 2)  # deterministic
