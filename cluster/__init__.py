@@ -1,4 +1,5 @@
-"""cluster: the method on a Ray cluster: Ray Train jobs, per-tenant erasure coordinators, batch entry.
+"""cluster: the method on a Ray cluster: jobs (Ray Train for several workers, a pooled Ray task for one),
+per-tenant erasure coordinators that also warm each adapter version's curvature, batch entry.
 
 Imports eraser, tenants and ray (never serve). What other layers call:
 ``RayErasureService(store_settings).submit(request)`` and ``register_publish_hook(name, hook)``.
@@ -15,7 +16,7 @@ from cluster.errors import (
     JobFailedError,
     NotOnboardedError,
 )
-from cluster.jobs import ErasureJob, JobResult, TrainingJob
+from cluster.jobs import CurvatureJob, ErasureJob, JobResult, TrainingJob
 from cluster.runners import JobRunner, LocalJobRunner, RayTaskJobRunner, RayTrainJobRunner, make_runner
 from cluster.service import ErasureService, LocalErasureService, RayErasureService
 
@@ -27,6 +28,7 @@ __all__ = [
     "CoordinatorMismatchError",
     "CoordinatorOptions",
     "ErasureCoordinator",
+    "CurvatureJob",
     "ErasureJob",
     "ErasureService",
     "GuardRejectedError",
