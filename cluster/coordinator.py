@@ -7,7 +7,7 @@ tenant in :mod:`cluster.actors`); different tenants run in parallel. A round:
    version was already committed (HEAD moved, or moved now by compare-and-swap), else re-queued;
 2. batch: pending requests, oldest first, resolved against HEAD's dataset (invalid ones are
    ``rejected`` with the reason), up to ``max_batch`` and no record edited twice;
-3. receipts ``pending -> running``; the job (Ray Train or in-process) solves, verifies, guards;
+3. receipts ``pending -> running``; the job (Ray Train, a Ray task or in-process) solves, verifies, guards;
 4. publish data version k+1 and adapter version k+1 (manifest: request ids, solver report, checks,
    path), then move HEAD by compare-and-swap; receipts ``published``;
 5. notify serving (hooks), then purge superseded versions past the grace period;
@@ -83,8 +83,8 @@ class ErasureCoordinator:
         self.heartbeat_dir = heartbeat_dir
         self._lock = threading.RLock()
         self.batches: list[BatchReport] = []
-        # HEAD's warmed curvature: (the version pair it was built on, the runner's handle to it).
-        self._curvature: tuple[Head, Any] | None = None
+        # HEAD's warmed curvature: ((adapter, data) versions it was built on, the runner's handle to it).
+        self._curvature: tuple[tuple[str, str], Any] | None = None
 
     # ============================================================ public
     def submit(self, request: ErasureRequest | Receipt | dict) -> Receipt:
@@ -144,7 +144,7 @@ class ErasureCoordinator:
                 logger.warning("tenant %s: warming the curvature of %s failed (the next erasure builds it): %s",
                                self.tenant, head.adapter, error)
                 return False
-            self._curvature = (head, self.runner.share(curvature))
+            self._curvature = ((head.adapter, head.data), self.runner.share(curvature))
             logger.info("tenant %s: curvature of adapter %s warmed (rank %d, %.1fs)", self.tenant, head.adapter,
                         curvature.rank, time.perf_counter() - started)
             return True
@@ -152,12 +152,12 @@ class ErasureCoordinator:
     @property
     def warmed_version(self) -> str | None:
         """The adapter version whose curvature is warm, if any."""
-        return self._curvature[0].adapter if self._curvature is not None else None
+        return self._curvature[0][0] if self._curvature is not None else None
 
     def _warmed(self, head: Head) -> Any:
         """The runner's handle to ``head``'s warmed curvature, or None. A curvature of any other version
         is dropped here: it was estimated from that version's records, erased ones included."""
-        if self._curvature is not None and self._curvature[0] != head:
+        if self._curvature is not None and self._curvature[0] != (head.adapter, head.data):
             self._curvature = None
         return self._curvature[1] if self._curvature is not None else None
 
