@@ -71,7 +71,11 @@ class RemediationConfig:
     npo_beta: float = 1.0  # beta, per token-mean NLL (about beta_seq * tokens of the paper's)
     proximal: float = 1e-2  # mu, per unit of squared LoRA-parameter distance
     gate_quantile: float = 0.5  # forgetting is active while a record's NLL <= this held-out quantile
-    check_every: int = 5  # steps between membership tests
+    # Steps between membership tests. Measured on the demo's tenant (remove one customer): checking every
+    # 5 steps stopped at erased NLL 2.41 (reduced demo: 3.11) against the retrained gold's 1.96 (2.10):
+    # 5 Adam steps move it by 1-2 nats. Every 2 steps: 1.96 (1.87); every step: 1.57 (1.48), the first
+    # pass comes before the gold. The extra tests cost about what the overshooting steps did.
+    check_every: int = 2
     seed: int = 0
 
     def __post_init__(self) -> None:
