@@ -347,6 +347,16 @@ def execute_curvature(job: CurvatureJob, shard: Shard, out_dir: Path | None,
         stores.close()
 
 
+def execute_job(job: ErasureJob | CurvatureJob | TrainingJob, shard: Shard, out_dir: Path | None,
+                beat: Callable[..., None] | None = None) -> dict:
+    """Run any job on this worker: erasure and curvature jobs on ``shard``, training (one worker) without."""
+    if isinstance(job, TrainingJob):
+        return execute_training(job, out_dir, beat)
+    if isinstance(job, ErasureJob):
+        return execute_erasure(job, shard, out_dir, beat)
+    return execute_curvature(job, shard, out_dir, beat)
+
+
 # ---------------------------------------------------------------- training (onboarding)
 
 

@@ -37,8 +37,7 @@ from cluster.jobs import (
     Heartbeat,
     JobResult,
     TrainingJob,
-    execute_curvature,
-    execute_erasure,
+    execute_job,
     execute_training,
     read_result,
 )
@@ -75,26 +74,31 @@ class LocalJobRunner(JobRunner):
     """The jobs in this process, world size 1: the same functions the Ray workers call."""
 
     def run_erasure_job(self, job: ErasureJob) -> JobResult:
-        return self._run(lambda out: execute_erasure(job, Shard(), out, Heartbeat(job.heartbeat_dir, 0)))
+        return self._run(job)
 
     def run_training_job(self, job: TrainingJob) -> JobResult:
-        return self._run(lambda out: execute_training(job, out, Heartbeat(job.heartbeat_dir, 0)))
+        return self._run(job)
 
     def run_curvature_job(self, job: CurvatureJob) -> JobResult:
-        return self._run(lambda out: execute_curvature(job, Shard(), out, Heartbeat(job.heartbeat_dir, 0)))
+        return self._run(job)
 
     def describe(self) -> dict[str, Any]:
         return {"runner": "local", "world_size": 1}
 
     @staticmethod
-    def _run(work: Callable[[Path], dict]) -> JobResult:
-        workdir = Path(tempfile.mkdtemp(prefix="eraser-job-"))
-        try:
-            work(workdir)
-            return JobResult(body=read_result(workdir), workdir=workdir)
-        except BaseException:
-            shutil.rmtree(workdir, ignore_errors=True)
-            raise
+    def _run(job: Any) -> JobResult:
+        return _collect(lambda out: execute_job(job, Shard(), out, Heartbeat(job.heartbeat_dir, 0)))
+
+
+def _collect(fill: Callable[[Path], Any]) -> JobResult:
+    """A JobResult over a fresh local directory that ``fill`` writes (deleted again if that fails)."""
+    workdir = Path(tempfile.mkdtemp(prefix="eraser-job-"))
+    try:
+        fill(workdir)
+        return JobResult(body=read_result(workdir), workdir=workdir)
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
 
 
 # ---------------------------------------------------------------- Ray Train
@@ -142,14 +146,13 @@ def _sharded_worker(config: dict) -> None:
     import ray.train.torch
 
     job = _resolved(config["job"])
-    execute = execute_erasure if isinstance(job, ErasureJob) else execute_curvature
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device() if config.get("use_gpu") else None
     shard = Shard(rank=rank, world_size=world_size, reduce=_all_reduce_sum(device))
     out_dir = Path(tempfile.mkdtemp(prefix="eraser-result-")) if rank == 0 else None
     try:
-        body = execute(job, shard, out_dir, Heartbeat(job.heartbeat_dir, rank))
+        body = execute_job(job, shard, out_dir, Heartbeat(job.heartbeat_dir, rank))
         _report(rank, body["status"], out_dir)
     finally:
         if out_dir is not None:
@@ -246,13 +249,9 @@ class RayTrainJobRunner(JobRunner):
 def _job_in_task(job: Any) -> dict[str, bytes]:
     """Run a job, world size 1, in this (pooled) Ray worker; returns its output files (path -> bytes)."""
     job = _resolved(job)
-    beat = Heartbeat(job.heartbeat_dir, 0)
     out_dir = Path(tempfile.mkdtemp(prefix="eraser-result-"))
     try:
-        if isinstance(job, TrainingJob):
-            execute_training(job, out_dir, beat)
-        else:
-            (execute_erasure if isinstance(job, ErasureJob) else execute_curvature)(job, Shard(), out_dir, beat)
+        execute_job(job, Shard(), out_dir, Heartbeat(job.heartbeat_dir, 0))
         return {str(path.relative_to(out_dir)): path.read_bytes() for path in out_dir.rglob("*") if path.is_file()}
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
@@ -297,16 +296,14 @@ class RayTaskJobRunner(JobRunner):
         except Exception as error:  # the worker died (retries spent) or the job raised
             raise JobFailedError(f"Ray task for the {what} job of tenant {job.tenant!r} failed "
                                  f"(max_failures={spec.max_failures}): {_first_line(error)}") from error
-        workdir = Path(tempfile.mkdtemp(prefix="eraser-job-"))
-        try:
-            for name, data in files.items():
-                path = workdir / name
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(data)
-            return JobResult(body=read_result(workdir), workdir=workdir)
-        except BaseException:
-            shutil.rmtree(workdir, ignore_errors=True)
-            raise
+        return _collect(lambda workdir: _unpack(files, workdir))
+
+
+def _unpack(files: dict[str, bytes], directory: Path) -> None:
+    for name, data in files.items():
+        path = directory / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
 
 
 def _first_line(error: BaseException) -> str:
