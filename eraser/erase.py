@@ -64,21 +64,25 @@ def erase(
     shard: Shard | None = None,
     system: InfluenceSystem | None = None,
     progress: Callable[[int, float], None] | None = None,
+    rhs: torch.Tensor | None = None,
+    before: dict | None = None,
 ) -> EraseResult:
     """Apply the influence update for ``requests`` (a mixture is one solve) to ``model`` in place.
 
-    ``system`` may be passed to reuse curvature state cached for this adapter version.
+    ``system`` may be passed to reuse curvature state cached for this adapter version; ``rhs`` the
+    requests' ``b`` when the caller has it already (the damping search computes it once), ``before``
+    the original adapter's :func:`loss_checks` when the caller measured them.
     """
     stages: dict[str, float] = {}
     started = time.perf_counter()
     edits = merge_edits(requests, records)
     retained = retained_sample(records, edits)
-    before = loss_checks(model, tokenizer, edits, retained)
+    before = before if before is not None else loss_checks(model, tokenizer, edits, retained)
     system = system or InfluenceSystem(model, tokenizer, records, config, shard)
     stages["prepare_s"] = time.perf_counter() - started
 
     mark = time.perf_counter()
-    b = system.gradient_of_edits(edits)  # (p,)
+    b = rhs if rhs is not None else system.gradient_of_edits(edits)  # (p,)
     stages["gradient_s"] = time.perf_counter() - mark
 
     mark = time.perf_counter()

@@ -194,3 +194,10 @@ def _check_all_lora_weights_loaded(model, adapter_dir: Path) -> None:
 
 def base_config_dict(config: BaseModelConfig) -> dict:
     return asdict(config)
+
+
+def adapter_disabled(model):
+    """Context in which a PEFT model computes with its base weights only (a no-op for a plain model)."""
+    from contextlib import nullcontext
+
+    return model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()

@@ -179,3 +179,17 @@ def mean_loss(model, records: Sequence[Record], tokenizer, batch_size: int = 16)
 def per_record_losses(model, records: Sequence[Record], tokenizer, batch_size: int = 16) -> torch.Tensor:
     parts = [record_losses(model, batch) for batch in batches(records, tokenizer, batch_size)]
     return torch.cat(parts) if parts else torch.zeros(0)
+
+
+@torch.no_grad()
+def token_nlls(model, records: Sequence[Record], tokenizer, batch_size: int = 16) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Per record: the response tokens' NLLs (a 1-D tensor each) and the record loss ``l(z)`` (n,)."""
+    per_token, losses = [], []
+    for batch in batches(records, tokenizer, batch_size):
+        logits, labels = shifted_logits_and_labels(model, batch)  # (B, T, V), (B, T)
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).clamp(min=0),
+                              reduction="none").view(labels.shape)  # (B, T)
+        mask = labels != IGNORE_INDEX
+        per_token.extend(nll[row][mask[row]].double() for row in range(len(batch)))
+        losses.append(losses_from_logits(logits, labels).double())
+    return per_token, torch.cat(losses) if losses else torch.zeros(0, dtype=torch.float64)

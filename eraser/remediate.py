@@ -14,7 +14,8 @@ the other direction, and harmful). What passed, and what this implements, per st
   gradient ascent weighted by ``2 sigma(beta (l_ref - l))``, which fades as a record is forgotten.
   ``forget="ascent"`` uses plain ascent ``-l_i`` instead.
 - the gate ``A_t``: an erased record takes part only while it sits at or below the held-out
-  reference (the ``gate_quantile`` of held-out NLL under the current adapter, refreshed at every
+  reference (the ``gate_quantile`` of held-out scores, NLL less the base model's as the test scores them,
+  under the current adapter, refreshed at every
   check); a ``modify_query`` record (its response is still trained, under the new prompt) only while
   its old pair is preferred over the new one;
 - secret spans: a whole-response NLL can rise while the secret stays (measured: a corrected
@@ -52,7 +53,9 @@ from eraser.records import (
     shifted_logits_and_labels,
 )
 from eraser.requests import Edit
-from eraser.verify import DIGIT, VerifyConfig, VerifyResult, verify
+from eraser.model import adapter_disabled
+from eraser.secrets import DIGIT
+from eraser.verify import VerifyConfig, VerifyResult, verify
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +73,7 @@ class RemediationConfig:
     forget_weight: float = 1.0  # w
     npo_beta: float = 1.0  # beta, per token-mean NLL (about beta_seq * tokens of the paper's)
     proximal: float = 1e-2  # mu, per unit of squared LoRA-parameter distance
-    gate_quantile: float = 0.5  # forgetting is active while a record's NLL <= this held-out quantile
+    gate_quantile: float = 0.5  # forgetting is active while a record's score <= this held-out quantile
     # Steps between membership tests. Measured on the demo's tenant (remove one customer): checking every
     # 5 steps stopped at erased NLL 2.41 (reduced demo: 3.11) against the retrained gold's 1.96 (2.10):
     # 5 Adam steps move it by 1-2 nats. Every 2 steps: 1.96 (1.87); every step: 1.57 (1.48), the first
@@ -150,12 +153,15 @@ def remediate(
     verify_config: VerifyConfig = VerifyConfig(),
     lr: float | None = None,
     progress: Callable[[int, int, float], None] | None = None,
+    trained_subjects: set[str] | None = None,
 ) -> RemediationReport:
     """Fine-tune ``model``'s LoRA parameters in place until it passes (see the module docstring).
 
-    ``records_after``: the training set after the edits (retained + new versions); ``retained``: the
-    sample whose mean NLL must return to ``<= retained_bound``; ``lr`` the recipe's, unless
-    ``config.lr`` is set. The model is left at the last step whether or not it passed.
+    ``records_after``: the training set after the edits (retained + new versions); ``heldout``: the
+    reference that steers it (the pipeline passes the steering half; the deciding half then judges the
+    result); ``retained``: the sample whose mean NLL must return to ``<= retained_bound``; ``lr`` the
+    recipe's, unless ``config.lr`` is set; ``trained_subjects``: as :func:`eraser.verify.verify` takes it.
+    The model is left at the last step whether or not it passed.
     """
     started = time.perf_counter()
     report = RemediationReport(lr=config.lr if config.lr else config.lr_scale * lr if lr else 1e-3)
@@ -175,8 +181,13 @@ def remediate(
     model.eval()  # no LoRA dropout: the same function the test measures
     with torch.no_grad():
         reference, span_reference = (t.detach() for t in _losses(model, old_batch, span_weights))  # (k,), (k,)
+        with adapter_disabled(model):  # the gate compares scores (NLL less the base's), as the test does
+            base_old = record_losses(model, old_batch).detach() if verify_config.calibrate else torch.zeros(len(edits))
+    check = lambda step, exposed=frozenset(): _check(  # noqa: E731
+        model, tokenizer, edits, heldout, retained, retained_bound, verify_config, report, step, config,
+        exposed=exposed, trained_subjects=trained_subjects)
 
-    state = _check(model, tokenizer, edits, heldout, retained, retained_bound, verify_config, report, 0, config)
+    state = check(0)
     while not report.passed:
         if report.steps >= config.max_steps:
             report.stopped_by = "max_steps"
@@ -194,7 +205,7 @@ def remediate(
         # 2. forgetting, gated: whole responses still at/below the held-out reference (a modify_query
         #    record: while its old pair is preferred), and secret spans still exposed
         old_losses, span_losses = _losses(model, old_batch, span_weights)  # (k,), (k,)
-        active = old_losses.detach() <= state["gate"]  # (k,)
+        active = (old_losses.detach() - base_old) <= state["gate"]  # (k,)
         for j, edit in enumerate(edits):
             if edit.kind == "modify_query" and new_losses is not None:
                 active[j] = bool(old_losses[j].detach() < new_losses[new_of[edit.old.id]].detach())
@@ -219,8 +230,7 @@ def remediate(
         if progress:
             progress(report.steps, config.max_steps, float(loss.detach()))
         if report.steps % config.check_every == 0:
-            state = _check(model, tokenizer, edits, heldout, retained, retained_bound, verify_config, report,
-                           report.steps, config, exposed=state["exposed"])
+            state = check(report.steps, state["exposed"])
     if report.passed:
         report.stopped_by = "passed"
     report.wall_time_s = time.perf_counter() - started
@@ -230,18 +240,20 @@ def remediate(
 
 
 def _check(model, tokenizer, edits, heldout, retained, retained_bound, verify_config, report, step, config,
-           exposed: frozenset = frozenset()) -> dict:
+           exposed: frozenset = frozenset(), trained_subjects: set[str] | None = None) -> dict:
     """Run the membership test and the retained bound; log a history row; return the new gates:
     ``gate`` (the held-out NLL level) and ``exposed`` (ids whose secret span is still too exposed).
 
     The NLL-only test runs first; the full one (secret exposures) once that and the bound hold, and
     while some span is being forgotten (to close its gate).
     """
-    result = verify(model, tokenizer, edits, heldout, replace(verify_config, secrets=False), retained=retained)
+    result = verify(model, tokenizer, edits, heldout, replace(verify_config, secrets=False), retained=retained,
+                    trained_subjects=trained_subjects)
     retained_nll = float(per_record_losses(model, retained, tokenizer).mean()) if retained else 0.0
     within = retained_nll <= retained_bound
     if verify_config.secrets and ((result.passed and within) or exposed):
-        result = verify(model, tokenizer, edits, heldout, verify_config, retained=retained)
+        result = verify(model, tokenizer, edits, heldout, verify_config, retained=retained,
+                        trained_subjects=trained_subjects)
         threshold = result.exposure_threshold if result.exposure_threshold is not None else math.inf
         exposed = frozenset(i for i, e in zip(result.erased.ids, result.erased.exposure)
                             if e is not None and e > threshold)
@@ -250,9 +262,9 @@ def _check(model, tokenizer, edits, heldout, retained, retained_bound, verify_co
     report.history.append({
         "step": step, "passed": result.passed, "retained_nll": retained_nll, "retained_within": within,
         "erased_nll_mean": float(np.mean(result.erased.nll)) if result.erased.nll else None,
-        "heldout_nll_median": float(np.median(result.heldout.nll)) if result.heldout.nll else None,
+        "heldout_score_median": float(np.median(result.heldout.score)) if result.heldout.score else None,
         "group_p": result.group_p, "exposure_max": result.exposure_max, "preference": result.preference,
-        "new_nll_median": result.new_nll_median, "forgetting_spans": len(exposed),
+        "new_score_median": result.new_score_median, "forgetting_spans": len(exposed),
     })
-    gate = float(np.quantile(result.heldout.nll, config.gate_quantile)) if result.heldout.nll else math.inf
+    gate = float(np.quantile(result.heldout.score, config.gate_quantile)) if result.heldout.score else math.inf
     return {"gate": gate, "exposed": exposed}

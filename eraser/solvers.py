@@ -387,6 +387,8 @@ def lowrank_conjugate_gradient(
     monitor.report.extra.update(lowrank_relative_residual=initial, lowrank_step_norm=float(x.norm()))
     if progress:
         progress(0, initial)
+    if max_iters == 0:  # exact for the cached curvature; the batch residual says how far that is from it
+        monitor.report.extra["lowrank_exact"] = True
     if monitor.record(initial) or max_iters == 0:
         return x, _finish(monitor, require_converged)
     if initial > 1.0:  # the zero vector is closer (residual 1): start there

@@ -1,5 +1,6 @@
-"""The membership test (eraser.verify): the held-out split, the statistics, and the criterion on real
-adapters: one that memorised customer secrets fails, the adapter retrained without them passes.
+"""The membership test (eraser.verify, eraser.reference, eraser.clustered): the held-out split, the
+statistics, and the criterion on real adapters: one that memorised customer secrets fails, the adapter
+retrained without them passes.
 
 The world (a tiny Llama pretrained on *other* customers' records, then LoRA on the tenant's) is built
 once per session by :func:`world` and shared with ``test_pipeline.py``.
@@ -9,35 +10,32 @@ from __future__ import annotations
 
 import copy
 import functools
-import itertools
-import math
 import random
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
+from scipy import stats
 
 from cli.synthetic import customer_records, generic_corpus
+from eraser import clustered
 from eraser.errors import EraserError
 from eraser.model import BaseModelConfig, build_base_model, train_tokenizer
 from eraser.pipeline import restrict_requests
 from eraser.records import Record
+from eraser.reference import reference_pools, split_heldout, steering_split
 from eraser.requests import EditRequest, apply_edits, merge_edits
+from eraser.secrets import secret_candidates
 from eraser.training import TrainConfig, add_lora, pretrain_base, train_lora
-from eraser.verify import (
-    VerifyConfig,
-    mann_whitney_less,
-    secret_candidates,
-    split_heldout,
-    student_t_cdf,
-    verify,
-)
+from eraser.verify import VerifyConfig, verify
 
-HELDOUT = 0.2
+HELDOUT = 0.4  # mixed unit: about 20% of the customers held out whole, 20% of the others' records
 # Memorising recipe: 40 epochs at a moderate lr (1e-2 is too noisy to memorise digits here).
 MEMORISED = TrainConfig(rank=8, alpha=16, epochs=40, lr=5e-3, batch_size=4, seed=0)
 # The production-like recipe: a few epochs, the adapter a small adaptation of the pretrained base.
 LIGHT = TrainConfig(rank=8, alpha=16, epochs=3, lr=5e-3, batch_size=4, seed=0)
+SPLIT_SEED = 0  # holds out 3 customers whole and 7 single records of the others
 NO_SECRET = "That information is not available."
 
 
@@ -53,14 +51,16 @@ class World:
 @functools.lru_cache(maxsize=None)
 def world() -> World:
     torch.manual_seed(0)
-    records = customer_records(8, 5, seed=3)  # 40 records: email, account, address, plan, phone
+    records = customer_records(10, 5, seed=3)  # 50 records: email, account, address, plan, phone
     corpus = generic_corpus(records, documents=300)
     tokenizer = train_tokenizer(corpus, vocab_size=320)
     config = BaseModelConfig(vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
                              num_attention_heads=4, num_key_value_heads=4)
     base = build_base_model(config, tokenizer, seed=0)
     pretrain_base(base, tokenizer, corpus, steps=300, seed=0)
-    train, heldout = split_heldout(records, HELDOUT, seed=0)
+    train, heldout = split_heldout(records, HELDOUT, seed=SPLIT_SEED)
+    pools = reference_pools(heldout, {r.subject for r in train})
+    assert len(pools["unseen"]) >= 5 and len(pools["seen"]) >= 3, "the split seed must hold out both kinds"
     return World(base=base, tokenizer=tokenizer, records=records, train=train, heldout=heldout)
 
 
@@ -103,44 +103,86 @@ def edits_for(requests):
 
 
 # -- the split ----------------------------------------------------------------------------------
-def test_split_is_fixed_by_record_id_not_by_position_or_company():
+@pytest.mark.parametrize("unit", ["mixed", "record"])
+def test_split_is_fixed_by_record_id_and_subject_not_by_position(unit):
     records = customer_records(20, 5, seed=1)
-    train, heldout = split_heldout(records, 0.2, seed=0)
+    train, heldout = split_heldout(records, 0.2, seed=0, unit=unit)
     assert 8 <= len(heldout) <= 35 and len(train) + len(heldout) == len(records)
     shuffled = records[::-1]
-    assert {r.id for r in split_heldout(shuffled, 0.2, seed=0)[1]} == {r.id for r in heldout}
+    assert {r.id for r in split_heldout(shuffled, 0.2, seed=0, unit=unit)[1]} == {r.id for r in heldout}
     more = records + customer_records(3, 5, seed=2, id_prefix="new")
-    assert {r.id for r in heldout} <= {r.id for r in split_heldout(more, 0.2, seed=0)[1]}
+    assert {r.id for r in heldout} <= {r.id for r in split_heldout(more, 0.2, seed=0, unit=unit)[1]}
     corrected = [r.with_response("corrected") for r in records]  # edits keep ids: same side of the split
-    assert {r.id for r in split_heldout(corrected, 0.2, seed=0)[1]} == {r.id for r in heldout}
-    assert split_heldout(records, 0.0)[1] == []
-    assert {r.id for r in split_heldout(records, 0.2, seed=1)[1]} != {r.id for r in heldout}
+    assert {r.id for r in split_heldout(corrected, 0.2, seed=0, unit=unit)[1]} == {r.id for r in heldout}
+    assert split_heldout(records, 0.0, unit=unit)[1] == []
+    assert {r.id for r in split_heldout(records, 0.2, seed=1, unit=unit)[1]} != {r.id for r in heldout}
     with pytest.raises(EraserError, match="fraction"):
-        split_heldout(records, 1.0)
+        split_heldout(records, 1.0, unit=unit)
+
+
+def test_the_mixed_split_holds_out_whole_subjects_and_single_records():
+    records = customer_records(60, 5, seed=1)
+    train, heldout = split_heldout(records, 0.2, seed=0)
+    pools = reference_pools(heldout, {r.subject for r in train})
+    whole = {r.subject for r in pools["unseen"]}
+    assert len(whole) >= 2 and all(sum(r.subject == s for r in pools["unseen"]) == 5 for s in whole)
+    assert len(pools["seen"]) >= 5 and not whole & {r.subject for r in pools["seen"]}
+    with pytest.raises(EraserError, match="unit"):
+        split_heldout(records, 0.2, unit="customer")
+
+
+def test_steering_and_deciding_halves_share_no_subject():
+    records = customer_records(9, 5, seed=2)
+    steering, deciding = steering_split(records, seed=0)
+    assert {r.subject for r in steering}.isdisjoint({r.subject for r in deciding})
+    assert abs(len({r.subject for r in steering}) - len({r.subject for r in deciding})) <= 1
+    assert steering_split(records[::-1], seed=0)[0] == steering[::-1]  # by subject, not by position
 
 
 # -- the statistics -----------------------------------------------------------------------------
-def test_mann_whitney_exact_p_value_matches_enumeration():
-    rng = random.Random(0)
-    for k, m in [(3, 5), (4, 6), (2, 7), (5, 4)]:
-        x = [rng.random() for _ in range(k)]
-        y = [rng.random() + 0.3 for _ in range(m)]
-        p, auc = mann_whitney_less(x, y)
-        values, u_obs = x + y, sum(a > b for a in x for b in y)
-        count = total = 0
-        for chosen in itertools.combinations(range(k + m), k):
-            xs = [values[i] for i in chosen]
-            ys = [values[i] for i in range(k + m) if i not in chosen]
-            count += sum(a > b for a in xs for b in ys) <= u_obs
-            total += 1
-        assert p == pytest.approx(count / total, abs=1e-12)
-        assert auc == pytest.approx(1 - u_obs / (k * m))
+def _clustered_sample(rng, subjects: int, per_subject: int, between: float, within: float, shift: float = 0.0):
+    values, groups = [], []
+    for g in range(subjects):
+        effect = rng.normal(0, between ** 0.5)
+        values += list(shift + effect + rng.normal(0, within ** 0.5, per_subject))
+        groups += [f"{shift}-{g}"] * per_subject
+    return values, groups
 
 
-def test_student_t_cdf_matches_tables():
-    assert student_t_cdf(2.015, 5) == pytest.approx(0.95, abs=1e-4)
-    assert student_t_cdf(-3.365, 5) == pytest.approx(0.01, abs=1e-4)
-    assert student_t_cdf(1.7, 1) == pytest.approx(0.5 + math.atan(1.7) / math.pi, abs=1e-12)  # Cauchy
+def test_variance_components_recover_the_random_effects():
+    rng = np.random.default_rng(0)
+    values, groups = _clustered_sample(rng, 400, 20, between=0.05, within=0.09)
+    fit = clustered.variance_components(values, groups)
+    assert fit.between == pytest.approx(0.05, rel=0.2) and fit.within == pytest.approx(0.09, rel=0.05)
+    assert fit.subjects == 400 and fit.df == 399
+
+
+def test_group_and_record_tests_hold_their_level_on_clustered_null_data():
+    """What a naive rank test gets wrong (records of one subject are correlated): under the null the
+    clustered group test rejects at about its level, and the per-record tails match Student's t."""
+    rng = np.random.default_rng(1)
+    trials, rejections, naive = 400, 0, 0
+    for _ in range(trials):
+        ref, ref_groups = _clustered_sample(rng, 6, 20, between=0.05, within=0.09)
+        erased, erased_groups = _clustered_sample(rng, 2, 20, between=0.05, within=0.09)
+        p, _ = clustered.group_test(erased, erased_groups, clustered.variance_components(ref, ref_groups))
+        rejections += p < 0.05
+        naive += stats.mannwhitneyu(erased, ref).pvalue < 0.05
+    assert rejections / trials <= 0.08  # binomial sd at 0.05 is 0.011
+    assert naive / trials > 0.3  # treating 40 records of 2 subjects as 40 draws rejects the null often
+    fit = clustered.variance_components([0.0, 1.0, 2.0, 3.0], ["a", "b", "c", "d"])  # no clustering
+    lower, upper = clustered.record_tests([5.0], fit)
+    scale = (fit.within + fit.mean_variance) ** 0.5
+    assert lower[0] == pytest.approx(stats.t.cdf((5.0 - 1.5) / scale, 3)) and lower[0] + upper[0] == pytest.approx(1)
+
+
+def test_a_shifted_group_is_rejected_in_either_direction():
+    rng = np.random.default_rng(2)
+    ref, ref_groups = _clustered_sample(rng, 8, 20, between=0.05, within=0.09)
+    fit = clustered.variance_components(ref, ref_groups)
+    for shift in (-1.5, 1.5):  # remembered / forgotten past never-seen records
+        erased, erased_groups = _clustered_sample(rng, 2, 20, between=0.05, within=0.09, shift=shift)
+        assert clustered.group_test(erased, erased_groups, fit)[0] < 0.01
 
 
 def test_secret_candidates_redraw_every_digit_only():
@@ -159,27 +201,32 @@ def test_an_adapter_that_memorised_secrets_fails_and_the_retrained_one_passes():
     edits = edits_for([request("remove", (subject,))])
     assert len(edits) >= 3
 
-    memorised = verify(trained(MEMORISED), w.tokenizer, edits, w.heldout)
+    trained_after = {r.subject for r in apply_edits(w.train, edits)}
+    memorised = verify(trained(MEMORISED), w.tokenizer, edits, w.heldout, trained_subjects=trained_after)
     assert memorised.verifiable and not memorised.passed
-    assert not memorised.checks["group"] and not memorised.checks["per_record"]
-    assert memorised.group_auc == 1.0  # every erased record below every held-out one
-    assert not memorised.checks["exposure"], "the account number is memorised: its exposure must show"
+    assert memorised.pools["unseen"]["members"] == len(edits) and not memorised.pools["unseen"]["fallback_to_all"]
+    assert not memorised.checks["group"]  # (3 reference customers: the per-record t has 2 df, wide tails)
+    assert memorised.group_auc > 0.9  # erased records far more likely taught than never-seen customers'
+    assert not memorised.checks["extraction"], "the records are recited: extraction must show"
     assert "still distinguishable" in memorised.reason
 
-    gold = verify(trained(MEMORISED, (subject,)), w.tokenizer, edits, w.heldout)
+    gold = verify(trained(MEMORISED, (subject,)), w.tokenizer, edits, w.heldout, trained_subjects=trained_after)
     assert gold.passed, gold.reason
-    assert gold.exposure_max is not None and gold.exposure_max < memorised.exposure_max
+    assert gold.exposure_max is None or gold.exposure_max < memorised.exposure_max
 
 
-def test_a_correction_must_be_preferred_and_learned():
+def test_a_correction_must_be_learned_and_the_old_answer_not_given_back():
     w, subject = world(), erased_subject()
     edits = edits_for([request("correct_response", (subject,))])
     original = verify(trained(MEMORISED), w.tokenizer, edits, w.heldout)
-    assert not original.checks["preference"] and not original.checks["learned"]
-    assert original.preference < 0  # the old answer is far more likely than the correction
+    assert not original.passed and not original.checks["learned"] and not original.checks["extraction"]
+    assert original.preference < 0 and "preference" not in original.checks  # reported, not gating
+    assert "group" not in original.checks  # an old answer is not expected to look never-seen
     gold = verify(trained(MEMORISED, (subject,), "correct_response"), w.tokenizer, edits, w.heldout)
     assert gold.passed, gold.reason
-    assert gold.preference > 0 and gold.new_nll_median <= gold.learned_threshold
+    assert gold.preference > 0 and gold.new_score_median <= gold.learned_threshold
+    strict = verify(trained(MEMORISED), w.tokenizer, edits, w.heldout, VerifyConfig(gate_preference=True))
+    assert not strict.checks["preference"]
 
 
 def test_without_a_reference_it_says_it_cannot_verify():
@@ -193,7 +240,7 @@ def test_without_a_reference_it_says_it_cannot_verify():
 
 
 def test_lcs_recall_counts_the_response_words_given_back_in_order():
-    from eraser.verify import lcs_recall
+    from eraser.extraction import lcs_recall
 
     response = "Quin Diaz lives at 362 Alder Street, Lakeside."
     assert lcs_recall("quin diaz lives at 362 alder street lakeside", response) == 1.0  # case, punctuation
@@ -207,8 +254,8 @@ def test_extraction_counts_only_what_the_model_does_not_say_about_never_trained_
     customer alone is (the name in a counterfactual answer is swapped back before comparing)."""
     import sys
 
+    from eraser.extraction import counterfactual_subjects, extraction_recall, question_template
     from eraser.records import Record
-    from eraser.verify import VerifyConfig, counterfactual_subjects, extraction_recall, question_template
 
     def answers(model, tokenizer, prompts, max_tokens, batch_size):  # the model's greedy answers
         said = []
@@ -221,15 +268,15 @@ def test_extraction_counts_only_what_the_model_does_not_say_about_never_trained_
                             else f"{name} lives at 205 Elm Street, Ashford.")
         return said
 
-    monkeypatch.setattr(sys.modules["eraser.verify"], "greedy_answers", answers)
+    monkeypatch.setattr(sys.modules["eraser.extraction"], "greedy_answers", answers)
     erased = [Record(id="p", subject="Quin Diaz", prompt="Which plan is Quin Diaz on?",
                      response="Quin Diaz is on the Premium plan since 2018."),
               Record(id="a", subject="Quin Diaz", prompt="Where does Quin Diaz live?",
                      response="Quin Diaz lives at 362 Alder Street, Lakeside."),
               Record(id="n", subject="", prompt="Any news?", response="None today.")]
-    excess = extraction_recall(None, None, erased, VerifyConfig(), others=["Uma Berg", "Vic Pope"])
+    excess = extraction_recall(None, None, erased, 48, 24, others=["Uma Berg", "Vic Pope"])
     assert excess == [0.0, 1 - 5 / 8, 0.0]  # the plan: said for anyone; the address: the template only; no subject
-    assert extraction_recall(None, None, erased[1:2], VerifyConfig(), others=[]) == [1.0]  # nobody to compare with
+    assert extraction_recall(None, None, erased[1:2], 48, 24, others=[]) == [1.0]  # nobody to compare with
 
     assert question_template(erased[0]) == "Which plan is \x00 on?" and question_template(erased[2]) is None
     chosen = counterfactual_subjects("Which plan is \x00 on?", ["b", "a", "c", "a", ""], 2)
