@@ -20,8 +20,13 @@ FIDELITY = {
     "kl_retained": "lower",
     "distance": "lower",  # ||theta - gold|| / ||orig - gold|| (gold: 0, original: 1)
 }
-OURS = "ours"
+OURS = "ours-verified"  # what the service publishes: the targets are judged on it
 RIVALS = ("paper-code", "ga", "npo")
+
+
+def _scaling_requests(document: dict) -> set[str]:
+    options = document["options"]
+    return {options.get("scaling_request"), *(options.get("scaling_requests") or ())} - {None}
 
 
 def rel_gap(value, gold) -> float:
@@ -36,6 +41,8 @@ def _finite(x) -> bool:
 
 def badness(metric: str, row: dict) -> float:
     """Distance from the gold on one metric (lower is better) for comparing methods."""
+    if not row.get("metrics"):  # a failed method: no fidelity
+        return math.nan
     value = row["metrics"].get(metric)
     kind = FIDELITY[metric]
     if value is None or not _finite(value):
@@ -64,7 +71,10 @@ def summarize(document: dict) -> dict:
     summary: dict = {"requests": {}, "scaling": [], "largest_authors": largest}
     for (authors, request), methods in by_group.items():
         ours = methods.get(OURS)
-        if ours is None or ours.get("error"):
+        if ours is None:
+            continue
+        if ours.get("error") or not ours.get("metrics"):
+            summary["requests"][f"{authors}:{request}"] = {"failed": ours.get("error") or "no metrics"}
             continue
         m, g = ours["metrics"], ours["gold"]
         entry = {
@@ -81,7 +91,7 @@ def summarize(document: dict) -> dict:
         entry["nll_retained_ok"] = entry["nll_retained_rel"] <= targets["nll_retained_rel_max"]
         beats = {}
         for rival in RIVALS:
-            if rival not in methods or methods[rival].get("error"):
+            if rival not in methods or not methods[rival].get("metrics"):
                 continue
             wins = {}
             for metric in FIDELITY:
@@ -92,7 +102,7 @@ def summarize(document: dict) -> dict:
                             "lost_on": [k for k, v in wins.items() if not v]}
         entry["beats"] = beats
         summary["requests"][f"{authors}:{request}"] = entry
-        if request == document["options"].get("scaling_request") or authors == largest:
+        if request in _scaling_requests(document) or authors == largest:
             summary["scaling"].append({
                 "authors": authors, "records": ours["records"], "request": request,
                 "retrain_s": ours["retrain_time_s"], "retrain_cpu_s": ours.get("retrain_cpu_s"),
@@ -101,7 +111,7 @@ def summarize(document: dict) -> dict:
                 "speedup": ours.get("speedup"), "speedup_cpu": ours.get("speedup_cpu"),
                 "speedup_with_cache_build": ours.get("speedup_with_cache_build"),
                 "speedup_cpu_with_cache_build": ours.get("speedup_cpu_with_cache_build")})
-    at_largest = [v for k, v in summary["requests"].items() if int(k.split(":")[0]) == largest]
+    at_largest = [v for k, v in summary["requests"].items() if int(k.split(":")[0]) == largest and "failed" not in v]
     # Judged on the smaller of the wall-clock and the CPU-time speed-ups (the CPU is shared with others).
     speedups = [min(x for x in (v["speedup"], v["speedup_cpu"]) if x) for v in at_largest if v["speedup"]]
     summary["speedup_at_largest"] = min(speedups, default=None)
@@ -145,7 +155,11 @@ def _note(row: dict) -> str:
     if "steps_chosen" in info:
         return f"{info['steps_chosen']}/{info['steps_max']} steps" + ("" if info.get("stopped") else " (rule never met)")
     if "path" in info:
-        return f"path {info['path']}"
+        damping = f", damping {info['damping']:.3g}" if info.get("damping") else ""
+        stages = info.get("stages") or {}
+        parts = [f"{k[:-2]} {v:.1f}" for k, v in stages.items() if k.endswith("_s") and k != "total_s"
+                 and k in ("damping_search_s", "verify_s", "remediation_s", "retrain_s")]
+        return f"path {info['path']}{damping}" + (f" ({', '.join(parts)} s)" if parts else "")
     if info.get("cached"):
         return "time from cache"
     return ""
@@ -169,7 +183,7 @@ def markdown(document: dict) -> str:
               "NLL, gold's in brackets. ROUGE: ROUGE-L recall of greedy answers. KL: to the gold, per token. "
               "dist: ||theta - gold|| / ||orig - gold||. time: wall seconds of the method (retrain time for gold "
               "and retrain-seed); speed-up = gold retrain time / time. ga/npo run until the forgotten records' NLL "
-              "reaches that of 4 never-seen authors (remove) or the new pairs are preferred (corrections), checked "
+              "reaches that of the never-seen reference authors (remove) or the new pairs are preferred (corrections), checked "
               "every 5 steps. `ours` builds its curvature cache once per adapter (time in the notes, and in the "
               "scaling table).", ""]
     header = ("| method | FQ | NLL forget | NLL new | NLL retained | ROUGE ret | ROUGE forget | KL forget | KL ret "
@@ -183,6 +197,10 @@ def markdown(document: dict) -> str:
                   f"{any_row['forgotten_records']} edited", "", header, rule]
         for method, row in methods.items():
             m = row["metrics"]
+            if not m:  # failed: no fidelity numbers, only the failure
+                lines.append(f"| {method} | FAILED | - | - | - | - | - | - | - | - | "
+                             f"{_fmt(row['wall_time_s'])} ({_fmt(row.get('cpu_time_s'))}) | - | - | {_note(row)} |")
+                continue
             lines.append("| " + " | ".join([
                 method, _fmt(m["forget_quality"]),
                 f"{_fmt(m['nll_forget'])} ({_fmt(gold['nll_forget'])})",
@@ -194,10 +212,10 @@ def markdown(document: dict) -> str:
                 _fmt(row.get("peak_extra_mb")), _note(row)]) + " |")
         lines.append("")
     if summary["scaling"]:
-        lines += ["## Time vs training size (`ours` = cached low-rank curvature; the cache is built once per "
-                  "adapter version and shared by its requests)", "",
+        lines += [f"## Time vs training size (`{OURS}` = the service's verified path, cache warm: the low-rank "
+                  "curvature is built once per adapter version and shared by its requests)", "",
                   "Wall seconds, CPU seconds in brackets; speed-ups as wall / CPU.", "",
-                  "| records | request | retrain s | ours s | cache build s | speed-up | speed-up incl. cache build |",
+                  f"| records | request | retrain s | {OURS} s | cache build s | speed-up | speed-up incl. cache build |",
                   "|---|---|---|---|---|---|---|"]
         for s in sorted(summary["scaling"], key=lambda s: (s["records"], s["request"])):
             lines.append(f"| {s['records']} | {s['request']} | {_fmt(s['retrain_s'])} ({_fmt(s['retrain_cpu_s'])}) | "
@@ -206,11 +224,15 @@ def markdown(document: dict) -> str:
                          f"{_fmt(s['speedup_with_cache_build'])} / {_fmt(s['speedup_cpu_with_cache_build'])} |")
         lines.append("")
     t = document["targets"]
-    lines += ["## Targets (issue 3) for `ours`", "",
+    lines += [f"## Targets (issues 3 and 12) for `{OURS}`, the path the service publishes", "",
               f"| size:request | FQ >= {t['forget_quality_min']} | NLL forget within {t['nll_forget_rel_max']:.0%} | "
               f"NLL retained within {t['nll_retained_rel_max']:.0%} | beats paper-code | beats ga | beats npo |",
               "|---|---|---|---|---|---|---|"]
     for key, e in summary["requests"].items():
+        if "failed" in e:
+            lines.append(f"| {key} | FAILED: {e['failed'][:80]} | - | - | - | - | - |")
+            continue
+
         def beat(rival: str) -> str:
             b = e["beats"].get(rival)
             if b is None:
@@ -249,7 +271,7 @@ def plots(document: dict, out: Path) -> list[Path]:
                 values = []
                 for method in methods:
                     row = by_group[(main, request)].get(method)
-                    if row is None:
+                    if row is None or not row.get("metrics"):  # absent or failed: no bar
                         values.append(math.nan)
                     elif metric == "nll_forget":
                         values.append(rel_gap(row["metrics"]["nll_forget"], row["gold"]["nll_forget"]))
@@ -276,7 +298,7 @@ def plots(document: dict, out: Path) -> list[Path]:
     if scaling:
         fig, ax = plt.subplots(figsize=(6.5, 4.5))
         xs = [s["records"] for s in scaling]
-        series = [("retrain (gold)", "retrain", "o", "C0"), ("ours, cache warm", "erase", "s", "C1")]
+        series = [("retrain (gold)", "retrain", "o", "C0"), (f"{OURS}, cache warm", "erase", "s", "C1")]
         for label, key, marker, color in series:
             cpu = [s.get(f"{key}_cpu_s") for s in scaling]
             if all(v is not None for v in cpu):
@@ -307,6 +329,10 @@ def compact(document: dict) -> str:
                                               key=lambda kv: (kv[0][0] != document["options"]["authors"], kv[0][0])):
         for method, row in methods.items():
             m, gold = row["metrics"], row["gold"]
+            if not m:
+                lines.append(f"| {request} ({row['records']}) | {method} | FAILED | - | - | - | - | "
+                             f"{_fmt(row.get('cpu_time_s'))} | - | {_note(row)} |")
+                continue
             lines.append(f"| {request} ({row['records']}) | {method} | {_fmt(m['forget_quality'])} | "
                          f"{_fmt(m['nll_forget'])} ({_fmt(gold['nll_forget'])}) | "
                          f"{_fmt(m['nll_retained'], 4)} ({_fmt(gold['nll_retained'], 4)}) | {_fmt(m['kl_forget'])} | "

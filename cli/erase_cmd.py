@@ -15,15 +15,21 @@ def add_solver_arguments(parser: argparse.ArgumentParser) -> None:
 
     defaults = PipelineConfig().solve  # the verified pipeline's measured defaults
     parser.add_argument("--solver", choices=SOLVERS, default=defaults.solver,
-                        help=f"inverse-HVP solver; eigen: CG preconditioned by the adapter's cached low-rank "
-                        f"curvature (default {defaults.solver})")
+                        help=f"inverse-HVP solver; eigen: the adapter's cached low-rank curvature (its Woodbury "
+                        f"solution, refined by preconditioned CG when --max-iters > 0) (default {defaults.solver})")
     parser.add_argument("--curvature", choices=("ggn", "hessian"), default=defaults.curvature,
                         help=f"Gauss-Newton (PSD) or exact Hessian (default {defaults.curvature})")
     parser.add_argument("--damping", type=float, default=defaults.damping,
-                        help=f"lambda, as a fraction of the top curvature eigenvalue (default {defaults.damping})")
+                        help=f"lambda, as a fraction of the top curvature eigenvalue, where it is not searched "
+                        f"(--no-damping-search, another solver, or nothing to steer by) (default {defaults.damping})")
+    parser.add_argument("--no-damping-search", action="store_true",
+                        help="use --damping as given instead of choosing it per request on the steering half "
+                        "of the held-out records (the search needs --solver eigen --max-iters 0, the default)")
     parser.add_argument("--absolute-damping", action="store_true", help="--damping is an absolute lambda")
     parser.add_argument("--tol", type=float, default=None, help="relative residual target (default: per solver)")
-    parser.add_argument("--max-iters", type=int, default=defaults.max_iters)
+    parser.add_argument("--max-iters", type=int, default=defaults.max_iters,
+                        help=f"solver iterations (eigen: CG refinement steps; 0 keeps the low-rank solution) "
+                        f"(default {defaults.max_iters})")
     parser.add_argument("--hvp-batch-size", type=int, default=defaults.batch_size, help="records per stochastic HVP")
     parser.add_argument("--eval-size", type=int, default=defaults.eval_size, help="records in the residual/CG batch")
     parser.add_argument("--seed", type=int, default=defaults.seed)
@@ -62,6 +68,9 @@ def register(subparsers) -> None:
                        "`eraser train` recorded in the adapter's eraser.json; none recorded means 0)")
     erase.add_argument("--heldout-seed", type=int, default=None,
                        help="seed of the held-out split (default: recorded in eraser.json, else 0)")
+    erase.add_argument("--heldout-unit", choices=("mixed", "record"), default=None,
+                       help="unit of the held-out split (default: recorded in eraser.json; an eraser.json "
+                       "without one predates whole-subject hold-out: record)")
     erase.add_argument("--no-remediation", action="store_true", help="skip the remediation fine-tune")
     erase.add_argument("--no-retrain", action="store_true", help="never fall back to an exact retrain")
     erase.add_argument("--allow-unverified", action="store_true",
@@ -84,13 +93,14 @@ def read_requests(path: Path):
 
 def heldout_split(args: argparse.Namespace, records, parent: dict):
     """``(train, heldout, info)``: the split the adapter was trained with (eraser.json or the flags)."""
-    from eraser.verify import split_heldout
+    from eraser.reference import split_heldout
 
     recorded = parent.get("heldout") or {}
     fraction = args.heldout_fraction if args.heldout_fraction is not None else recorded.get("fraction", 0.0)
     seed = args.heldout_seed if args.heldout_seed is not None else recorded.get("seed", 0)
-    train, heldout = split_heldout(records, fraction, seed)
-    return train, heldout, {"fraction": fraction, "seed": seed, "count": len(heldout)}
+    unit = args.heldout_unit or recorded.get("unit") or ("record" if recorded else "mixed")
+    train, heldout = split_heldout(records, fraction, seed, unit)
+    return train, heldout, {"fraction": fraction, "seed": seed, "unit": unit, "count": len(heldout)}
 
 
 def recipe_from_manifest(parent: dict):
@@ -128,7 +138,8 @@ def run_erase(args: argparse.Namespace) -> int:
     if args.no_verify:
         return run_influence_only(args, model, tokenizer, train, heldout, requests, config, parent, heldout_info)
     pipeline = PipelineConfig(solve=config, remediate=not args.no_remediation, retrain=not args.no_retrain,
-                              require_verification=not args.allow_unverified)
+                              require_verification=not args.allow_unverified,
+                              **({"search": None} if args.no_damping_search else {}))
     with residual_bar(f"{config.solver} solve", total=config.max_iters) as bar:
         outcome = verified_erase(model, tokenizer, train, requests, heldout, recipe=recipe_from_manifest(parent),
                                  config=pipeline, base_factory=lambda: load_base(args.base), progress=bar)
@@ -149,6 +160,8 @@ def run_erase(args: argparse.Namespace) -> int:
         "retrain": summary["retrain"],
         "guard": outcome.guard,
         "heldout": {**heldout_info, "affected": outcome.heldout_affected},
+        "reference": summary["reference"],
+        "damping_search": summary["damping_search"],
         "stages": outcome.stages,
         "pipeline": pipeline.to_dict(),
     }
@@ -232,6 +245,14 @@ def print_outcome(outcome, out: Path) -> None:
         relative = f" ({outcome.damping:g} x top eigenvalue)" if outcome.damping is not None else ""
         print(f"solver      {report.solver} ({report.extra.get('curvature')}), {report.iterations} iterations, "
               f"residual {report.relative_residual:.2e} (tol {report.tol:g}), damping {report.damping:.3g}{relative}")
+    if outcome.search is not None:
+        print(f"damping     searched on {outcome.reference.get('steering_records')} steering record(s): "
+              f"{outcome.search.damping:.3g} x top eigenvalue in {len(outcome.search.evaluations)} evaluations")
+    if outcome.reference:
+        ref = outcome.reference
+        print(f"reference   {ref['deciding_records']} deciding record(s) ({ref['deciding_subjects']} subjects), "
+              f"alpha {ref['decision_alpha']:g} per look" + (" (too few to split: steering = deciding)"
+                                                             if ref["shared"] else ""))
     for attempt in outcome.attempts:
         if attempt["outcome"] != "ok":
             print(f"            damping {attempt['damping']:g}: {attempt['outcome']}")

@@ -34,8 +34,11 @@ def register(subparsers) -> None:
     train.add_argument("--out", required=True, type=Path, help="adapter output directory")
     train.add_argument("--heldout-fraction", type=float, default=0.1,
                        help="fraction of --data set aside, never trained on: the reference population of the "
-                       "membership test `eraser erase` runs (split by a hash of the record id and --seed, "
-                       "recorded in eraser.json; default 0.1, 0 disables and leaves erasures unverifiable)")
+                       "membership test `eraser erase` runs (split by a hash of the subject and record id and "
+                       "--seed, recorded in eraser.json; default 0.1, 0 disables and leaves erasures unverifiable)")
+    train.add_argument("--heldout-unit", choices=("mixed", "record"), default="mixed",
+                       help="mixed (default): half the held-out share is whole subjects (the reference for "
+                       "erasing a subject), half single records of the others; record: every record by itself")
     add_recipe_arguments(train)
     train.set_defaults(handler=run_train)
 
@@ -46,17 +49,17 @@ def run_train(args: argparse.Namespace) -> int:
     from eraser.records import load_records
     from eraser.training import add_lora, train_lora
     from eraser.update import save_adapter
-    from eraser.verify import split_heldout
+    from eraser.reference import split_heldout
 
     config = recipe_from_args(args)
-    records, heldout = split_heldout(load_records(args.data), args.heldout_fraction, args.seed)
+    records, heldout = split_heldout(load_records(args.data), args.heldout_fraction, args.seed, args.heldout_unit)
     tokenizer = load_tokenizer(args.base)
     model = add_lora(load_base(args.base), config)
     with loss_bar(f"training LoRA on {len(records)} records") as bar:
         report = train_lora(model, tokenizer, records, config, progress=bar)
     save_adapter(model, args.out, {"version": "v000001", "parent_version": None, "recipe": config.to_dict(),
                                    "heldout": {"fraction": args.heldout_fraction, "seed": args.seed,
-                                               "count": len(heldout)},
+                                               "unit": args.heldout_unit, "count": len(heldout)},
                                    "training": {"steps": report.steps, "final_loss": report.final_loss,
                                                 "wall_time_s": report.wall_time_s, "records": report.records}})
     print(f"adapter written to {args.out}: {report.steps} steps on {len(records)} records "

@@ -246,7 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = PipelineConfig().solve
     parser.add_argument("--solver", choices=SOLVERS, default=defaults.solver)
     parser.add_argument("--curvature", choices=("ggn", "hessian"), default=defaults.curvature)
-    parser.add_argument("--damping", type=float, default=defaults.damping, help="relative to the top eigenvalue")
+    parser.add_argument("--damping", type=float, default=defaults.damping,
+                        help="relative to the top eigenvalue; used where the per-request search does not run")
+    parser.add_argument("--no-damping-search", action="store_true", help="use --damping as given")
     parser.add_argument("--tol", type=float, default=None)
     parser.add_argument("--max-iters", type=int, default=defaults.max_iters)
     parser.add_argument("--seed", type=int, default=defaults.seed)
@@ -264,7 +266,8 @@ def options_from_args(args: argparse.Namespace) -> tuple[RunnerSpec, Coordinator
         runner_fields["max_failures"] = args.max_failures
     solve = SolveConfig(solver=args.solver, curvature=args.curvature, damping=args.damping, tol=args.tol,
                         max_iters=args.max_iters, seed=args.seed)
-    pipeline = PipelineConfig(solve=solve, remediate=not args.no_remediate, retrain=not args.no_retrain)
+    pipeline = PipelineConfig(solve=solve, remediate=not args.no_remediate, retrain=not args.no_retrain,
+                              **({"search": None} if args.no_damping_search else {}))
     options = CoordinatorOptions(pipeline=pipeline, purge_grace_seconds=args.purge_grace)
     return RunnerSpec(**runner_fields), options
 

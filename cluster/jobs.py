@@ -285,7 +285,7 @@ def execute_erasure(job: ErasureJob, shard: Shard, out_dir: Path | None,
 def _load_version(stores: _Stores, tenant: str, adapter_version: str, data_version: str):
     """The tenant's config, tokenizer, base model with the adapter version, and its train / held-out split."""
     from eraser.model import load_adapter, load_base, load_tokenizer
-    from eraser.verify import split_heldout
+    from eraser.reference import split_heldout
 
     config = stores.shared.get_tenant(tenant)
     base_dir = stores.shared.resolve_base_model(config.base_model)
@@ -293,7 +293,8 @@ def _load_version(stores: _Stores, tenant: str, adapter_version: str, data_versi
     records = to_eraser_records(stores.private.read_dataset(tenant, data_version))
     tokenizer = load_tokenizer(base_dir)
     model = load_adapter(load_base(base_dir), adapter_dir)
-    train, heldout = split_heldout(records, config.training.heldout_fraction, config.training.seed)
+    train, heldout = split_heldout(records, config.training.heldout_fraction, config.training.seed,
+                                       config.training.heldout_unit)
     return config, tokenizer, model, train, heldout
 
 
@@ -365,7 +366,7 @@ def execute_training(job: TrainingJob, out_dir: Path | None, beat: Callable[...,
     from eraser.model import load_base, load_tokenizer
     from eraser.training import add_lora, train_lora
     from eraser.update import save_adapter
-    from eraser.verify import split_heldout
+    from eraser.reference import split_heldout
 
     beat = beat or (lambda *a, **k: None)
     started = time.perf_counter()
@@ -377,7 +378,8 @@ def execute_training(job: TrainingJob, out_dir: Path | None, beat: Callable[...,
         config = stores.shared.get_tenant(job.tenant)
         base_dir = stores.shared.resolve_base_model(config.base_model)
         records = to_eraser_records(stores.private.read_dataset(job.tenant, job.data_version))
-        train, heldout = split_heldout(records, config.training.heldout_fraction, config.training.seed)
+        train, heldout = split_heldout(records, config.training.heldout_fraction, config.training.seed,
+                                       config.training.heldout_unit)
         recipe = train_config(config)
         tokenizer = load_tokenizer(base_dir)
         model = add_lora(load_base(base_dir), recipe)

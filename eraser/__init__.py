@@ -20,7 +20,8 @@ from eraser.requests import Edit, EditRequest, apply_edits, build_edits, merge_e
 from eraser.solvers import LowRankCurvature, SolverReport
 from eraser.remediate import RemediationConfig
 from eraser.training import TrainConfig, add_lora, train_lora
-from eraser.verify import VerifyConfig, VerifyResult, split_heldout, verify
+from eraser.reference import split_heldout
+from eraser.verify import VerifyConfig, VerifyResult, verify
 
 __all__ = [
     "ErasureOutcome",

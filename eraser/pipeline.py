@@ -74,7 +74,7 @@ class PipelineConfig:
     # search below. On TOFU (800 records, forget01) it is what lands nearest the retrain at a tenth of
     # its time; PCG towards the exact damped system moved further from the gold (benchmarks/README.md).
     solve: SolveConfig = field(default_factory=lambda: SolveConfig(solver="eigen", damping=DEFAULT_DAMPING,
-                                                                   max_iters=0, require_converged=False))
+                                                                   max_iters=0))
     search: DampingSearch | None = field(default_factory=DampingSearch)  # None: solve.damping as given
     verify: VerifyConfig = field(default_factory=VerifyConfig)
     remediation: RemediationConfig = field(default_factory=RemediationConfig)

@@ -387,9 +387,11 @@ def lowrank_conjugate_gradient(
     monitor.report.extra.update(lowrank_relative_residual=initial, lowrank_step_norm=float(x.norm()))
     if progress:
         progress(0, initial)
-    if max_iters == 0:  # exact for the cached curvature; the batch residual says how far that is from it
+    if max_iters == 0:  # exact for the cached curvature; the batch residual says how far that is from it,
+        monitor.record(initial)  # and is reported, not a stopping rule
         monitor.report.extra["lowrank_exact"] = True
-    if monitor.record(initial) or max_iters == 0:
+        return x, _finish(monitor, False)
+    if monitor.record(initial):
         return x, _finish(monitor, require_converged)
     if initial > 1.0:  # the zero vector is closer (residual 1): start there
         x, r = torch.zeros_like(b), b.clone()

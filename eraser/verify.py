@@ -63,14 +63,13 @@ from eraser.extraction import extraction_recall, lcs_recall
 from eraser.metrics import greedy_answers
 from eraser.model import adapter_disabled
 from eraser.records import Record, token_nlls
-from eraser.reference import member_pool, reference_pools, split_heldout, subject_key
+from eraser.reference import member_pool, reference_pools, subject_key
 from eraser.requests import Edit
-from eraser.secrets import DIGIT, constant_digits, secret_exposure, secret_slots
+from eraser.secrets import DIGIT, DIGIT_RUN, constant_digits, secret_exposure, secret_slots
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["VerifyConfig", "VerifyResult", "RecordStats", "membership_scores", "record_statistics", "split_heldout",
-           "verify"]
+__all__ = ["VerifyConfig", "VerifyResult", "RecordStats", "membership_scores", "record_statistics", "verify"]
 
 
 @dataclass(frozen=True)
@@ -290,6 +289,9 @@ def verify(
     members = [edit.old for edit in member_edits]
     population = [*members, *reference, *retained]
     erased = record_statistics(model, tokenizer, members, config, secrets=config.secrets, population=population)
+    for j, edit in enumerate(member_edits):  # a digit run the correction keeps is no secret it removes
+        if edit.new is not None and set(DIGIT_RUN.findall(edit.old.response)) <= set(DIGIT_RUN.findall(edit.new.response)):
+            erased.exposure[j], erased.secret_rank[j] = None, None
     held = record_statistics(model, tokenizer, reference, config, secrets=config.secrets, population=population)
     result = VerifyResult(passed=False, verifiable=True, reason="", erased=erased, heldout=held, alpha=config.alpha)
     if gold is not None and members:

@@ -342,6 +342,10 @@ class TrainingRecipe(_Model):
     heldout_fraction: float = Field(
         0.1, ge=0, lt=1, description="share of records never trained on (membership-test reference)"
     )
+    heldout_unit: Literal["mixed", "record"] = Field(
+        "mixed", description="mixed: half the held-out share is whole subjects (the reference for erasing a "
+        "subject), half single records of the others (for erasing single records); record: every record by "
+        "itself (tenants onboarded before subjects were held out whole)")
     max_length: int = Field(512, ge=8, description="token limit of prompt + response")
 
 

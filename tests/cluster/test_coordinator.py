@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cluster import CoordinatorOptions, ErasureCoordinator, JobRunner, LocalErasureService, LocalJobRunner
-from eraser.verify import split_heldout
+from eraser.reference import split_heldout
 from tenants.models import ReceiptStatus
 from tenants.store import TenantStore
 from tests.cluster.conftest import onboard_local
