@@ -10,6 +10,7 @@ from pathlib import Path
 
 
 def add_solver_arguments(parser: argparse.ArgumentParser) -> None:
+    from eraser.influence import SolveConfig
     from eraser.pipeline import PipelineConfig
     from eraser.solvers import SOLVERS
 
@@ -27,12 +28,20 @@ def add_solver_arguments(parser: argparse.ArgumentParser) -> None:
                         "of the held-out records (the search needs --solver eigen --max-iters 0, the default)")
     parser.add_argument("--absolute-damping", action="store_true", help="--damping is an absolute lambda")
     parser.add_argument("--tol", type=float, default=None, help="relative residual target (default: per solver)")
-    parser.add_argument("--max-iters", type=int, default=defaults.max_iters,
-                        help=f"solver iterations (eigen: CG refinement steps; 0 keeps the low-rank solution) "
-                        f"(default {defaults.max_iters})")
+    parser.add_argument("--max-iters", type=int, default=None,
+                        help=f"solver iterations (eigen: CG refinement steps, 0 keeps the low-rank solution) "
+                        f"(default: {defaults.max_iters} for eigen, {SolveConfig().max_iters} for the others)")
     parser.add_argument("--hvp-batch-size", type=int, default=defaults.batch_size, help="records per stochastic HVP")
     parser.add_argument("--eval-size", type=int, default=defaults.eval_size, help="records in the residual/CG batch")
     parser.add_argument("--seed", type=int, default=defaults.seed)
+
+
+def default_max_iters(solver: str) -> int:
+    """The pipeline's for eigen (0: the bare low-rank solution), SolveConfig's for the iterative solvers."""
+    from eraser.influence import SolveConfig
+    from eraser.pipeline import PipelineConfig
+
+    return PipelineConfig().solve.max_iters if solver == "eigen" else SolveConfig().max_iters
 
 
 def solve_config_from_args(args: argparse.Namespace):
@@ -40,7 +49,7 @@ def solve_config_from_args(args: argparse.Namespace):
 
     return SolveConfig(solver=args.solver, curvature=args.curvature, damping=args.damping,
                        damping_mode="absolute" if args.absolute_damping else "relative", tol=args.tol,
-                       max_iters=args.max_iters, batch_size=args.hvp_batch_size, eval_size=args.eval_size,
+                       max_iters=args.max_iters if args.max_iters is not None else default_max_iters(args.solver), batch_size=args.hvp_batch_size, eval_size=args.eval_size,
                        seed=args.seed)
 
 
@@ -71,6 +80,9 @@ def register(subparsers) -> None:
     erase.add_argument("--heldout-unit", choices=("mixed", "record"), default=None,
                        help="unit of the held-out split (default: recorded in eraser.json; an eraser.json "
                        "without one predates whole-subject hold-out: record)")
+    erase.add_argument("--verify-original", action="store_true",
+                       help="also run the membership test on the original adapter (evidence for the record: "
+                       "it should fail where the adapter memorised the records; costs one more test)")
     erase.add_argument("--no-remediation", action="store_true", help="skip the remediation fine-tune")
     erase.add_argument("--no-retrain", action="store_true", help="never fall back to an exact retrain")
     erase.add_argument("--allow-unverified", action="store_true",
@@ -138,7 +150,7 @@ def run_erase(args: argparse.Namespace) -> int:
     if args.no_verify:
         return run_influence_only(args, model, tokenizer, train, heldout, requests, config, parent, heldout_info)
     pipeline = PipelineConfig(solve=config, remediate=not args.no_remediation, retrain=not args.no_retrain,
-                              require_verification=not args.allow_unverified,
+                              require_verification=not args.allow_unverified, verify_original=args.verify_original,
                               **({"search": None} if args.no_damping_search else {}))
     with residual_bar(f"{config.solver} solve", total=config.max_iters) as bar:
         outcome = verified_erase(model, tokenizer, train, requests, heldout, recipe=recipe_from_manifest(parent),

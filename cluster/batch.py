@@ -250,7 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="relative to the top eigenvalue; used where the per-request search does not run")
     parser.add_argument("--no-damping-search", action="store_true", help="use --damping as given")
     parser.add_argument("--tol", type=float, default=None)
-    parser.add_argument("--max-iters", type=int, default=defaults.max_iters)
+    parser.add_argument("--max-iters", type=int, default=None,
+                        help=f"solver iterations (default {defaults.max_iters} for eigen: the bare low-rank solution; "
+                        f"{SolveConfig().max_iters} for the others)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--no-remediate", action="store_true", help="no remediation fine-tune after a failed membership test")
     parser.add_argument("--no-retrain", action="store_true", help="no exact-retrain fallback (fail instead)")
@@ -264,8 +266,10 @@ def options_from_args(args: argparse.Namespace) -> tuple[RunnerSpec, Coordinator
         runner_fields["num_workers"] = args.workers
     if args.max_failures is not None:
         runner_fields["max_failures"] = args.max_failures
+    max_iters = args.max_iters if args.max_iters is not None else (
+        PipelineConfig().solve.max_iters if args.solver == "eigen" else SolveConfig().max_iters)
     solve = SolveConfig(solver=args.solver, curvature=args.curvature, damping=args.damping, tol=args.tol,
-                        max_iters=args.max_iters, seed=args.seed)
+                        max_iters=max_iters, seed=args.seed)
     pipeline = PipelineConfig(solve=solve, remediate=not args.no_remediate, retrain=not args.no_retrain,
                               **({"search": None} if args.no_damping_search else {}))
     options = CoordinatorOptions(pipeline=pipeline, purge_grace_seconds=args.purge_grace)

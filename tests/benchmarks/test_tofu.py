@@ -32,7 +32,7 @@ def tiny_run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tofu-bench")
     options = Options(**{**PRESETS["tiny"], "out": str(root / "out"), "cache_dir": str(root / "cache"),
-                         "methods": ("original", "gold", "ours", "paper-code", "ga")})
+                         "methods": ("original", "gold", "ours", "ours-verified", "paper-code", "ga")})
     return run(options, ["test"]), root / "out"
 
 
@@ -183,12 +183,30 @@ def test_summary_judges_targets_and_rivals():
     document = {"targets": {"forget_quality_min": 0.05, "nll_forget_rel_max": 0.1, "nll_retained_rel_max": 0.02,
                             "speedup_min": 10.0},
                 "options": {"authors": 40, "scaling_request": "remove:forget01"},
-                "rows": [row("ours", 2.9, 0.3), row("paper-code", 2.0, 1.0), row("ga", 2.95, 0.2)]}
+                "rows": [row("ours-verified", 2.9, 0.3), row("paper-code", 2.0, 1.0), row("ga", 2.95, 0.2)]}
     summary = summarize(document)["requests"]["40:remove:forget01"]
     assert summary["nll_forget_ok"] and summary["forget_quality_ok"] and summary["nll_retained_ok"]
     assert summary["beats"]["paper-code"]["all"] is True
     assert summary["beats"]["ga"]["all"] is False and set(summary["beats"]["ga"]["lost_on"]) == {
         "nll_forget", "kl_forget", "distance"}
+
+
+def test_a_failed_method_carries_no_fidelity_numbers_and_shows_as_failed(tiny_run):
+    """A method that raised published nothing: its row must not carry the original's or the gold's metrics
+    (issue 12 found failed rows showing forget quality 1 and distance 0), and every table says FAILED."""
+    from benchmarks.report import compact, markdown, summarize
+
+    document, _ = tiny_run
+    failed = dict(rows_by_method(document)["ours-verified"], metrics=None, error="VerificationFailedError: x",
+                  speedup=None, speedup_cpu=None)
+    broken = dict(document, rows=[r for r in document["rows"] if r["method"] != "ours-verified"] + [failed])
+    summary = summarize(broken)
+    assert summary["requests"]["3:remove:forget01"] == {"failed": "VerificationFailedError: x"}
+    broken["summary"] = summary
+    assert "| ours-verified | FAILED |" in markdown(broken) and "| ours-verified | FAILED |" in compact(broken)
+    verified = rows_by_method(document)["ours-verified"]
+    assert verified["info"]["path"] in ("influence", "influence+remediation", "retrain")
+    assert set(verified["info"]["stages"]) >= {"influence_s", "verify_s", "total_s"}
 
 
 def test_bench_command_is_registered(capsys):

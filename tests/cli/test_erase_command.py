@@ -50,6 +50,8 @@ def losses(root: Path, adapter: str, records) -> float:
     return mean_loss(model, records, load_tokenizer(root / "base"))
 
 
+# eigen refined by PCG at a fixed damping: the bare low-rank solution (the default) is only as good as the
+# damping the verified path searches for it, tested below.
 @pytest.mark.parametrize("solver, damping", [("cg", "0.1"), ("eigen", "0.03")])
 @pytest.mark.parametrize("kind", ["remove", "modify_query", "correct_response"])
 def test_every_kind_moves_the_adapter_towards_the_retrained_gold(workspace, kind, solver, damping, capsys):
@@ -70,12 +72,14 @@ def test_every_kind_moves_the_adapter_towards_the_retrained_gold(workspace, kind
     erased = f"erased-{kind}-{solver}"
     assert main(["erase", "--base", str(workspace / "base"), "--adapter", str(workspace / "adapter"),
                  "--data", str(workspace / "records.jsonl"), "--request", str(workspace / f"{kind}.json"),
-                 "--out", str(workspace / erased), "--solver", solver, "--damping", damping, "--no-verify"]) == 0
+                 "--out", str(workspace / erased), "--solver", solver, "--damping", damping, "--no-verify",
+                 *(["--max-iters", "30"] if solver == "eigen" else [])]) == 0
     out = capsys.readouterr().out
     assert "residual" in out and "verified    NO" in out
 
     manifest = read_manifest(workspace / erased)
-    assert manifest["request_ids"] == [f"req-{kind}"] and manifest["solver"]["converged"]
+    solved = manifest["solver"]["converged"] or manifest["solver"]["extra"].get("lowrank_exact")
+    assert manifest["request_ids"] == [f"req-{kind}"] and solved
     assert manifest["path"] == "influence" and manifest["verified"] is False
     # Records of the held-out split were never trained on: named, reported apart, not in the update.
     assert sorted(manifest["records_affected"] + manifest["heldout"]["affected"]) == sorted(edit.old.id for edit in edits)
@@ -150,16 +154,25 @@ def test_the_default_erase_is_verified_and_says_which_path(workspace, capsys):
     """`eraser erase` runs verified_erase: influence -> membership test -> remediation/retrain -> guard,
     printing and recording the path, the test before/after, retained NLL before/after, time per stage."""
     records = load_records(workspace / "records.jsonl")
-    assert run_erase(workspace, request_for("remove", records), "verified") == 0
+    from eraser.reference import split_heldout
+
+    _, heldout = split_heldout(records, 0.3, 0)
+    single = next(r for r in heldout if sum(h.subject == r.subject for h in heldout) == 1)  # a held-out record
+    body = [request_for("remove", records), {"request_id": "one-record", "kind": "remove", "records": [single.id]}]
+    assert run_erase(workspace, body, "verified", "--verify-original") == 0
     out = capsys.readouterr().out
-    for line in ("path ", "test before", "test after  passed", "retained    NLL", "stages ", "written"):
+    for line in ("path ", "test before ", "damping     searched", "reference ", "retained    NLL",
+                 "stages ", "written"):
         assert line in out, out
     manifest = read_manifest(workspace / "verified")
     assert manifest["path"] in ("influence", "influence+remediation", "retrain") and manifest["verified"] is True
-    assert manifest["verification"]["after"]["passed"] and manifest["verification"]["before"] is not None
-    assert manifest["retained"]["after"] <= manifest["retained"]["bound"]
+    if manifest["path"] != "retrain":  # the retrain is published on its own authority, its test reported
+        assert manifest["verification"]["after"]["passed"]
+        assert manifest["retained"]["after"] <= manifest["retained"]["bound"]
+    assert manifest["verification"]["before"] is not None  # --verify-original: the original tested too
     assert all(manifest["guard"].values()) and manifest["heldout"]["fraction"] == 0.3
-    assert manifest["heldout"]["affected"] == ["rec-0002-1"]  # held out: named, never trained on
+    assert manifest["heldout"]["unit"] == "mixed" and manifest["damping_search"]["damping"] > 0
+    assert manifest["heldout"]["affected"] == [single.id]  # held out: named, never trained on
     assert {"influence_s", "verify_s", "guard_s", "total_s"} <= set(manifest["stages"])
     assert manifest["recipe"]["epochs"] == 3  # the retrain fallback's recipe travels with the adapter
 

@@ -44,7 +44,7 @@ def create_tenant(store, name: str, base_dir: Path, records: list[Record] | None
     store.create_tenant(TenantConfig(
         name=name, base_model=BASE_NAME,
         lora=LoraRecipe(rank=4, alpha=8, target_modules=["q_proj", "v_proj"]),
-        training=TrainingRecipe(epochs=2, lr=1e-2, batch_size=8, seed=0, heldout_fraction=0.25, max_length=64),
+        training=TrainingRecipe(epochs=2, lr=1e-2, batch_size=8, seed=0, heldout_fraction=0.5, max_length=64),
     ))
     return store.put_dataset(name, records if records is not None else tenant_records(name))
 

@@ -37,7 +37,7 @@ def coordinator(store, runner=None, options=OPTIONS, hooks=()):
     return ErasureCoordinator("acme", store, runner or LocalJobRunner(), options, hooks=hooks)
 
 
-def trained_subject(records, seed=0, fraction=0.25):
+def trained_subject(records, seed=0, fraction=0.5):
     """A subject all of whose records are in the training split (so the adapter holds them)."""
     from cluster.jobs import to_eraser_records
 
@@ -191,7 +191,7 @@ def test_a_request_only_about_held_out_records_publishes_without_a_solve(grace0_
     store, records = onboard_local(grace0_settings, tiny_base)
     from cluster.jobs import to_eraser_records
 
-    _, heldout = split_heldout(to_eraser_records(records["acme"]), 0.25, 0)
+    _, heldout = split_heldout(to_eraser_records(records["acme"]), 0.5, 0)
     target = heldout[0].id
     core = coordinator(store)
     core.submit({"request_id": "held", "tenant": "acme", "kind": "remove", "records": [target]})

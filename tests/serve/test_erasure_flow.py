@@ -30,7 +30,7 @@ def test_erasure_over_http_publishes_switches_live_and_leaves_nothing_stale(serv
     created = httpx.post(f"{served.base_url}/v1/admin/tenants", headers=admin, timeout=30, json={
         "name": tenant, "base_model": "tiny",
         "lora": {"rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
-        "training": {"epochs": 2, "lr": 1e-2, "batch_size": 8, "seed": 0, "heldout_fraction": 0.25, "max_length": 64},
+        "training": {"epochs": 2, "lr": 1e-2, "batch_size": 8, "seed": 0, "heldout_fraction": 0.5, "max_length": 64},
     })
     assert created.status_code == 201, created.text
     served.keys[tenant] = key = created.json()["api_key"]
