@@ -66,7 +66,7 @@ def run_tofu(args) -> list[dict]:
     from eraser.requests import apply_edits, merge_edits
     from eraser.verify import verify
 
-    runner = Runner(Options(authors=args.authors))
+    runner = Runner(Options(authors=args.authors, cache_dir=str(args.cache_dir)))
     runner.setup()
     size = runner.tenant(args.authors)
     records, tokenizer, model = size["records_list"], runner.bench.tokenizer, runner.subject
@@ -192,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memorised-requests", type=int, default=4, help="customers erased from it, one request each")
     parser.add_argument("--skip", choices=("tofu", "memorised"), action="append", default=[])
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--cache-dir", type=Path, default=Path(__file__).resolve().parents[1] / ".cache" / "bench" / "calib",
+                        help="model cache (its own: the TOFU benchmark's cache keeps retrain times measured alone)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(1)

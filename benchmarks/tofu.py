@@ -278,7 +278,7 @@ class Runner:
         if method == "ours-verified":  # what the service runs: the pipeline's own solve, this run's cache size
             from eraser.pipeline import PipelineConfig
 
-            return replace(PipelineConfig().solve, eval_size=o.eval_size, seed=o.seed, **cache)
+            return replace(PipelineConfig().solve, seed=o.seed, **cache)
         if method == "ours-pcg":  # the exact damped influence, the cache as Nystrom preconditioner
             return SolveConfig(solver="eigen", curvature="ggn", damping=o.exact_damping, eval_size=o.exact_eval_size,
                                tol=1e-2, max_iters=100, seed=o.seed, **cache)

@@ -73,8 +73,9 @@ class PipelineConfig:
     # adapter version, warmed by the service), no CG refinement; its damping chosen per request by the
     # search below. On TOFU (800 records, forget01) it is what lands nearest the retrain at a tenth of
     # its time; PCG towards the exact damped system moved further from the gold (benchmarks/README.md).
+    # eval_size: the batch the low-rank solution's residual is measured on (one HVP; reported, not gated).
     solve: SolveConfig = field(default_factory=lambda: SolveConfig(solver="eigen", damping=DEFAULT_DAMPING,
-                                                                   max_iters=0))
+                                                                   max_iters=0, eval_size=16))
     search: DampingSearch | None = field(default_factory=DampingSearch)  # None: solve.damping as given
     verify: VerifyConfig = field(default_factory=VerifyConfig)
     remediation: RemediationConfig = field(default_factory=RemediationConfig)

@@ -93,7 +93,9 @@ class VerifyConfig:
     secrets: bool = True  # exposures and extraction at all (False: the cheap likelihood-only pre-check)
     extraction_tokens: int = 48  # greedy tokens generated per record for the extraction test
     extraction_counterfactuals: int = 24  # never-trained subjects each question template is asked about
-    extraction_reference: int = 48  # reference records decoded for the extraction test's null (evenly spaced)
+    # Reference records the secret tests (exposure, extraction) score for their null, evenly spaced: each
+    # costs 2 x (secret_candidates + 1) forward passes or a greedy decoding, most of the test's time.
+    secret_reference: int = 48
     batch_size: int = 16
     generation_batch_size: int = 64  # prompts per greedy-decoding batch (decoding steps dominate the test)
     seed: int = 0
@@ -107,7 +109,7 @@ class VerifyConfig:
             raise EraserError(f"format_probability must be in (0, 1], got {self.format_probability!r}")
         if not 0 <= self.learned_quantile <= 1:
             raise EraserError(f"learned_quantile must be in [0, 1], got {self.learned_quantile!r}")
-        for name in ("secret_candidates", "min_secret_digits", "min_reference", "batch_size", "generation_batch_size", "extraction_reference",
+        for name in ("secret_candidates", "min_secret_digits", "min_reference", "batch_size", "generation_batch_size", "secret_reference",
                      "extraction_tokens",
                      "extraction_counterfactuals"):
             if getattr(self, name) < 1:
@@ -206,6 +208,12 @@ def _mean(values: Sequence[float]) -> float | None:
     return float(np.mean(values)) if len(values) else None
 
 
+def _spaced(records: Sequence[Record], limit: int) -> list[Record]:
+    """At most ``limit`` records, evenly spaced (the reference lists a subject's records together, so this
+    spreads over the subjects)."""
+    return list(records)[:: max(1, math.ceil(len(records) / limit))]
+
+
 def min_k_nll(tokens, fraction: float) -> float:
     """Mean NLL of the ``ceil(fraction * T)`` least likely tokens (Min-K%, as an NLL)."""
     count = max(1, math.ceil(fraction * tokens.numel()))
@@ -222,10 +230,12 @@ def membership_scores(nll: Sequence[float], base_nll: Sequence[float] | None = N
 
 
 def record_statistics(model, tokenizer, records: Sequence[Record], config: VerifyConfig,
-                      secrets: bool = True, population: Sequence[Record] = ()) -> RecordStats:
+                      secrets: bool = True, population: Sequence[Record] = (),
+                      secret_ids: set[str] | None = None) -> RecordStats:
     """Score, NLL, Min-K% and (where the response holds a secret-like span) calibrated exposure and rank.
 
-    ``population``: the tenant's records the format of digit runs is learned from (constant_digits).
+    ``population``: the tenant's records the format of digit runs is learned from (constant_digits);
+    ``secret_ids``: the records whose exposure is computed (None: all).
     """
     stats = RecordStats(ids=[r.id for r in records], groups=[subject_key(r) for r in records])
     if not records:
@@ -240,7 +250,8 @@ def record_statistics(model, tokenizer, records: Sequence[Record], config: Verif
     stats.score = membership_scores(stats.nll, stats.base_nll if config.calibrate else None)
     stats.min_k = [min_k_nll(t, config.min_k) for t in tokens]
     for record in records:
-        exposure, rank = _record_exposure(model, tokenizer, record, config, population) if secrets else (None, None)
+        wanted = secrets and (secret_ids is None or record.id in secret_ids)
+        exposure, rank = _record_exposure(model, tokenizer, record, config, population) if wanted else (None, None)
         stats.exposure.append(exposure)
         stats.secret_rank.append(rank)
     return stats
@@ -289,10 +300,12 @@ def verify(
     members = [edit.old for edit in member_edits]
     population = [*members, *reference, *retained]
     erased = record_statistics(model, tokenizer, members, config, secrets=config.secrets, population=population)
+    secret_sample = _spaced(reference, config.secret_reference)
     for j, edit in enumerate(member_edits):  # a digit run the correction keeps is no secret it removes
         if edit.new is not None and set(DIGIT_RUN.findall(edit.old.response)) <= set(DIGIT_RUN.findall(edit.new.response)):
             erased.exposure[j], erased.secret_rank[j] = None, None
-    held = record_statistics(model, tokenizer, reference, config, secrets=config.secrets, population=population)
+    held = record_statistics(model, tokenizer, reference, config, secrets=config.secrets, population=population,
+                             secret_ids={r.id for r in secret_sample})
     result = VerifyResult(passed=False, verifiable=True, reason="", erased=erased, heldout=held, alpha=config.alpha)
     if gold is not None and members:
         result.gold_nll_mean = float(np.mean(record_statistics(gold, tokenizer, members, config, secrets=False).nll))
@@ -306,7 +319,7 @@ def verify(
     if removed:
         _likelihood_tests(result, removed, reference, config, trained_subjects)
     if config.secrets and members:
-        _secret_tests(model, tokenizer, result, member_edits, reference, config)
+        _secret_tests(model, tokenizer, result, member_edits, secret_sample, config)
     replaced = [edit for edit in edits if edit.new is not None]
     if replaced:
         _replacement_tests(model, tokenizer, result, replaced, retained, config)
@@ -388,8 +401,6 @@ def _secret_tests(model, tokenizer, result: VerifyResult, member_edits: Sequence
             result.checks["exposure"] = result.exposure_max <= result.exposure_threshold
     members = [edit.old for edit in member_edits]
     erased_subjects = {r.subject for r in members}
-    stride = max(1, math.ceil(len(reference) / config.extraction_reference))
-    reference = list(reference)[::stride]  # evenly over the subjects: decoding is most of the test's time
     reference_groups = [subject_key(r) for r in reference]
     recalls = extraction_recall(model, tokenizer, [*members, *reference], config.extraction_tokens,
                                 config.extraction_counterfactuals,
