@@ -79,7 +79,10 @@ class VerifyConfig:
     alpha: float = 0.05  # level of the group test and of the per-record test family (two-sided each)
     calibrate: bool = True  # score = log(NLL / NLL under the base model) (False: log NLL)
     min_k: float = 0.2  # Min-K% (Shi et al., 2024): fraction of least likely response tokens, reported
-    max_exposure: float = 8.0  # bits of calibrated exposure allowed for an erased secret-like span
+    # Bits of calibrated exposure an erased span may always have (and the bound where too few reference spans
+    # exist for the predictive test). Exact retrains on TOFU reached 11.2 bits (the normal fit's tail is
+    # noisy at 24 candidates); the demo's memorised account numbers 27-72.
+    max_exposure: float = 16.0
     secret_candidates: int = 24  # re-drawn digit strings per secret-like span
     min_secret_digits: int = 4  # a response with at least this many secret digits holds a secret-like span
     format_probability: float = 0.5  # a digit the base model predicts this well is format, not secret
@@ -93,8 +96,9 @@ class VerifyConfig:
     secrets: bool = True  # exposures and extraction at all (False: the cheap likelihood-only pre-check)
     extraction_tokens: int = 48  # greedy tokens generated per record for the extraction test
     extraction_counterfactuals: int = 24  # never-trained subjects each question template is asked about
-    # Reference records the secret tests (exposure, extraction) score for their null, evenly spaced: each
-    # costs 2 x (secret_candidates + 1) forward passes or a greedy decoding, most of the test's time.
+    # Reference records the secret tests score for their null, evenly spaced: this many records with a
+    # digit run long enough to hold a span (exposure), and this many records (extraction). Each costs
+    # 2 x (secret_candidates + 1) forward passes or a greedy decoding: most of the test's time.
     secret_reference: int = 48
     batch_size: int = 16
     generation_batch_size: int = 64  # prompts per greedy-decoding batch (decoding steps dominate the test)
@@ -300,12 +304,14 @@ def verify(
     members = [edit.old for edit in member_edits]
     population = [*members, *reference, *retained]
     erased = record_statistics(model, tokenizer, members, config, secrets=config.secrets, population=population)
-    secret_sample = _spaced(reference, config.secret_reference)
+    secret_sample = _spaced(reference, config.secret_reference)  # extraction's null
+    with_digits = [r for r in reference if len(DIGIT.findall(r.response)) >= config.min_secret_digits]
+    exposure_sample = _spaced(with_digits, config.secret_reference)  # exposure's null
     for j, edit in enumerate(member_edits):  # a digit run the correction keeps is no secret it removes
         if edit.new is not None and set(DIGIT_RUN.findall(edit.old.response)) <= set(DIGIT_RUN.findall(edit.new.response)):
             erased.exposure[j], erased.secret_rank[j] = None, None
     held = record_statistics(model, tokenizer, reference, config, secrets=config.secrets, population=population,
-                             secret_ids={r.id for r in secret_sample})
+                             secret_ids={r.id for r in exposure_sample})
     result = VerifyResult(passed=False, verifiable=True, reason="", erased=erased, heldout=held, alpha=config.alpha)
     if gold is not None and members:
         result.gold_nll_mean = float(np.mean(record_statistics(gold, tokenizer, members, config, secrets=False).nll))
