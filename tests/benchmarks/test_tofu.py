@@ -81,7 +81,7 @@ def test_gold_against_itself_and_the_original(tiny_run):
 def test_outputs_are_written(tiny_run):
     document, out = tiny_run
     saved = json.loads((out / "results.json").read_text())
-    assert saved["command"] == "test" and saved["versions"]["torch"] and len(saved["rows"]) == 5
+    assert saved["command"] == "test" and saved["versions"]["torch"] and len(saved["rows"]) == 6
     assert {"requests", "scaling"} <= set(saved["summary"])
     table = (out / "results.md").read_text()
     assert "| gold |" in table and "## Targets" in table
@@ -89,7 +89,7 @@ def test_outputs_are_written(tiny_run):
     from benchmarks.report import compact
 
     lines = compact(saved).splitlines()
-    assert len(lines) == 2 + 5 and "| remove:forget01 (60) | gold | 1.000 |" in compact(saved)
+    assert len(lines) == 2 + 6 and "| remove:forget01 (60) | gold | 1.000 |" in compact(saved)
 
 
 def test_ours_damping_grows_with_the_edited_fraction(tiny_run):
