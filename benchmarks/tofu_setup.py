@@ -18,12 +18,11 @@ from typing import Sequence
 
 import torch
 
-from eraser.curvature import lora_parameters, unflatten
 from eraser.model import (BaseModelConfig, build_base_model, load_adapter, load_base, load_tokenizer, save_base_model,
                           train_tokenizer)
 from eraser.records import Record
 from eraser.training import TrainConfig, add_lora, pretrain_base, train_lora
-from eraser.update import lora_vector, save_adapter
+from eraser.update import lora_vector, save_adapter, set_lora_vector
 
 from benchmarks.tofu_data import TofuRow, pretraining_authors, pretraining_texts
 
@@ -129,9 +128,6 @@ class Workbench:
         return lora_vector(model), info
 
 
-@torch.no_grad()
 def set_lora(model, theta: torch.Tensor) -> None:
     """Load the flat LoRA vector ``theta`` (order of :func:`eraser.curvature.lora_parameters`) into ``model``."""
-    params = lora_parameters(model)
-    for p, value in zip(params, unflatten(theta.to(params[0].dtype), params)):
-        p.copy_(value)
+    set_lora_vector(model, theta)

@@ -28,12 +28,12 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from eraser.curvature import lora_parameters, unflatten
 from eraser.errors import EraserError
 from eraser.model import adapter_disabled
 from eraser.records import Record, per_record_losses
-from eraser.reference import member_pool, reference_pools
+from eraser.reference import evenly_spaced, member_pool, reference_pools
 from eraser.requests import Edit
+from eraser.update import lora_vector, set_lora_vector
 from eraser.verify import membership_scores
 
 logger = logging.getLogger(__name__)
@@ -71,11 +71,6 @@ class DampingChoice:
         return asdict(self)
 
 
-def _spaced(records: Sequence[Record], limit: int) -> list[Record]:
-    stride = max(1, math.ceil(len(records) / limit))
-    return list(records[::stride][:limit])
-
-
 @dataclass
 class _Group:
     name: str
@@ -108,22 +103,16 @@ def _groups(model, tokenizer, edits: Sequence[Edit], steering: Sequence[Record],
         reference = pools[pool] if len(pools[pool]) >= search.min_reference else list(steering)
         if not reference:
             continue
-        groups.append(_Group(f"removed:{pool}", _spaced(records, search.max_records), None,
-                             mean_score(_spaced(reference, 2 * search.max_records))))
+        groups.append(_Group(f"removed:{pool}", evenly_spaced(records, search.max_records), None,
+                             mean_score(evenly_spaced(reference, 2 * search.max_records))))
     new = [e.new for e in edits if e.new is not None]
     if new and retained:
-        groups.append(_Group("new", _spaced(new, search.max_records), None,
-                             mean_score(_spaced(retained, search.max_records))))
+        groups.append(_Group("new", evenly_spaced(new, search.max_records), None,
+                             mean_score(evenly_spaced(retained, search.max_records))))
     for group in groups:
         with adapter_disabled(model):
             group.base = per_record_losses(model, group.records, tokenizer).double() if calibrate else None
     return groups
-
-
-@torch.no_grad()
-def _set(params, vector: torch.Tensor) -> None:
-    for p, value in zip(params, unflatten(vector.to(params[0].dtype), params)):
-        p.copy_(value)
 
 
 def choose_damping(model, tokenizer, system, b: torch.Tensor, edits: Sequence[Edit], steering: Sequence[Record],
@@ -133,8 +122,7 @@ def choose_damping(model, tokenizer, system, b: torch.Tensor, edits: Sequence[Ed
     module docstring); ``model`` is left holding its original adapter. None when nothing can steer it
     (no steering reference for removed records and no retained records for new pairs)."""
     started = time.perf_counter()
-    params = lora_parameters(model)
-    theta0 = torch.cat([p.detach().reshape(-1) for p in params]).clone()
+    theta0 = lora_vector(model)
     groups = _groups(model, tokenizer, edits, steering, retained, trained_subjects, search, calibrate)
     if not groups:
         return None
@@ -145,7 +133,7 @@ def choose_damping(model, tokenizer, system, b: torch.Tensor, edits: Sequence[Ed
 
     def objective(log_damping: float) -> float:
         damping = 10.0 ** log_damping
-        _set(params, theta0 + cache.inverse(b, damping * top))
+        set_lora_vector(model, theta0 + cache.inverse(b, damping * top))
         gaps = []
         for group in groups:
             nll = per_record_losses(model, group.records, tokenizer).double()
@@ -161,7 +149,7 @@ def choose_damping(model, tokenizer, system, b: torch.Tensor, edits: Sequence[Ed
     try:
         best = _golden_section(objective, math.log10(search.low), math.log10(search.high), search.evaluations)
     finally:
-        _set(params, theta0)
+        set_lora_vector(model, theta0)
     choice.damping = 10.0 ** best
     choice.objective = min(e["objective"] for e in choice.evaluations)
     choice.seconds = time.perf_counter() - started

@@ -35,7 +35,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from eraser.curvature import lora_parameters, unflatten
+from eraser.curvature import lora_parameters
 from eraser.damping import DampingChoice, DampingSearch, choose_damping
 from eraser.erase import EraseResult, erase, loss_checks, retained_sample
 from eraser.errors import (
@@ -53,7 +53,7 @@ from eraser.remediate import RemediationConfig, RemediationReport, remediate
 from eraser.requests import Edit, EditRequest, apply_edits, merge_edits
 from eraser.solvers import SolverReport
 from eraser.training import TrainConfig, TrainReport, add_lora, train_lora
-from eraser.update import lora_vector
+from eraser.update import lora_vector, set_lora_vector
 from eraser.verify import VerifyConfig, VerifyResult, verify
 
 logger = logging.getLogger(__name__)
@@ -284,7 +284,7 @@ def run_influence(
     original = system.config
     for factor in (1.0, *config.damping_escalation):
         system.config = replace(original, damping=base_damping * factor)
-        _set_lora(model, theta_before)
+        set_lora_vector(model, theta_before)
         attempt = {"damping": system.config.damping, "damping_mode": system.config.damping_mode}
         try:
             result = erase(model, tokenizer, records, train_requests, system.config, shard=shard,
@@ -305,10 +305,10 @@ def run_influence(
                        system.config.damping, after, bound)
     system.config = original
     if best is None:
-        _set_lora(model, theta_before)
+        set_lora_vector(model, theta_before)
     else:
         stage.result = best[0]
-        _set_lora(model, best[1])
+        set_lora_vector(model, best[1])
     stage.stages["influence_s"] = time.perf_counter() - started
     return stage
 
@@ -361,9 +361,9 @@ def complete_erasure(
     mark = time.perf_counter()
     if config.verify_original:
         candidate = lora_vector(model)
-        _set_lora(model, stage.theta_before)
+        set_lora_vector(model, stage.theta_before)
         outcome.verification_before = check(halves.deciding, decide)
-        _set_lora(model, candidate)
+        set_lora_vector(model, candidate)
     if stage.result is not None:
         outcome.verification_influence = check(halves.deciding, decide)
     stages["verify_s"] = time.perf_counter() - mark
@@ -464,14 +464,6 @@ def retrain_adapter(model, tokenizer, records_after: Sequence[Record], recipe: T
             p.copy_(source[name])
     model.eval()
     return report
-
-
-@torch.no_grad()
-def _set_lora(model, vector: torch.Tensor) -> None:
-    """Set the LoRA parameters to ``vector`` exactly (bitwise: cached curvature is fingerprinted)."""
-    params = lora_parameters(model)
-    for p, value in zip(params, unflatten(vector.to(params[0].dtype), params)):
-        p.copy_(value)
 
 
 def _failure(why: str, outcome: ErasureOutcome) -> str:

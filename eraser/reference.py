@@ -25,6 +25,7 @@ onboarding, the coordinator, the CLI, a Ray worker, computes the same answer):
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Iterable, Literal, Sequence
 
 from eraser.errors import EraserError
@@ -62,6 +63,12 @@ def split_heldout(records: Sequence[Record], fraction: float, seed: int = 0,
     for record in records:
         (heldout if is_heldout(record, fraction, seed, unit) else train).append(record)
     return train, heldout
+
+
+def evenly_spaced(records: Sequence[Record], limit: int) -> list[Record]:
+    """At most ``limit`` records, evenly spaced (a reference lists a subject's records together, so this
+    spreads a sample over the subjects)."""
+    return list(records)[:: max(1, math.ceil(len(records) / limit))]
 
 
 def subject_key(record: Record) -> str:

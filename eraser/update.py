@@ -34,6 +34,15 @@ def lora_vector(model) -> torch.Tensor:
     return flatten([p.detach() for p in lora_parameters(model)]).clone()
 
 
+@torch.no_grad()
+def set_lora_vector(model, vector: torch.Tensor) -> None:
+    """Set the LoRA parameters to ``vector`` exactly (bitwise: a cached curvature is fingerprinted by them);
+    the inverse of :func:`lora_vector`."""
+    params = lora_parameters(model)
+    for p, value in zip(params, unflatten(vector.to(params[0].dtype), params)):
+        p.copy_(value)
+
+
 def sha256_file(path: str | Path) -> str:
     digest = hashlib.sha256()
     with Path(path).open("rb") as handle:

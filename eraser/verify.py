@@ -63,7 +63,7 @@ from eraser.extraction import extraction_recall, lcs_recall
 from eraser.metrics import greedy_answers
 from eraser.model import adapter_disabled
 from eraser.records import Record, token_nlls
-from eraser.reference import member_pool, reference_pools, subject_key
+from eraser.reference import evenly_spaced, member_pool, reference_pools, subject_key
 from eraser.requests import Edit
 from eraser.secrets import DIGIT, DIGIT_RUN, constant_digits, secret_exposure, secret_slots
 
@@ -151,9 +151,12 @@ class RecordStats:
         }
 
     def select(self, ids: Iterable[str]) -> "RecordStats":
-        wanted = set(ids)
-        keep = [i for i, record_id in enumerate(self.ids) if record_id in wanted]
-        return RecordStats(**{name: [getattr(self, name)[i] for i in keep] for name in asdict(self)})
+        """The statistics of ``ids``, in that order (lists left empty, such as ``base_nll`` without
+        calibration, stay empty)."""
+        where = {record_id: i for i, record_id in enumerate(self.ids)}
+        keep = [where[record_id] for record_id in ids if record_id in where]
+        return RecordStats(**{name: [values[i] for i in keep] if values else []
+                              for name, values in asdict(self).items()})
 
 
 @dataclass
@@ -210,12 +213,6 @@ class VerifyResult:
 
 def _mean(values: Sequence[float]) -> float | None:
     return float(np.mean(values)) if len(values) else None
-
-
-def _spaced(records: Sequence[Record], limit: int) -> list[Record]:
-    """At most ``limit`` records, evenly spaced (the reference lists a subject's records together, so this
-    spreads over the subjects)."""
-    return list(records)[:: max(1, math.ceil(len(records) / limit))]
 
 
 def min_k_nll(tokens, fraction: float) -> float:
@@ -304,9 +301,9 @@ def verify(
     members = [edit.old for edit in member_edits]
     population = [*members, *reference, *retained]
     erased = record_statistics(model, tokenizer, members, config, secrets=config.secrets, population=population)
-    secret_sample = _spaced(reference, config.secret_reference)  # extraction's null
+    secret_sample = evenly_spaced(reference, config.secret_reference)  # extraction's null
     with_digits = [r for r in reference if len(DIGIT.findall(r.response)) >= config.min_secret_digits]
-    exposure_sample = _spaced(with_digits, config.secret_reference)  # exposure's null
+    exposure_sample = evenly_spaced(with_digits, config.secret_reference)  # exposure's null
     for j, edit in enumerate(member_edits):  # a digit run the correction keeps is no secret it removes
         if edit.new is not None and set(DIGIT_RUN.findall(edit.old.response)) <= set(DIGIT_RUN.findall(edit.new.response)):
             erased.exposure[j], erased.secret_rank[j] = None, None
@@ -434,7 +431,8 @@ def _replacement_tests(model, tokenizer, result: VerifyResult, replaced: Sequenc
     new = record_statistics(model, tokenizer, [e.new for e in replaced], quiet, secrets=False)
     corrections = [j for j, e in enumerate(replaced) if e.kind == "correct_response"]
     if corrections:
-        old = record_statistics(model, tokenizer, [replaced[j].old for j in corrections], quiet, secrets=False)
+        # the old answers are erased members: their NLLs were measured with the erased records
+        old = result.erased.select(replaced[j].old.id for j in corrections)
         shifts = [(o - b) - (new.nll[j] - new.base_nll[j]) if config.calibrate else o - new.nll[j]
                   for o, b, j in zip(old.nll, old.base_nll or old.nll, corrections)]
         result.preference = float(np.mean(shifts))
