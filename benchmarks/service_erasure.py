@@ -37,11 +37,11 @@ def build_tenant(store, root: Path, customers: int, per_customer: int, epochs: i
     from cli.synthetic import customer_records
     from cluster import LocalErasureService
     from eraser.model import BaseModelConfig, build_base_model, save_base_model, train_tokenizer
-    from eraser.records import format_prompt, format_response
+    from eraser.records import corpus_text
     from tenants.models import LoraRecipe, Record, TenantConfig, TrainingRecipe
 
     raw = customer_records(customers, per_customer, seed=seed, id_prefix="b")
-    tokenizer = train_tokenizer([format_prompt(r.prompt) + format_response(r.response) for r in raw], vocab_size=1024)
+    tokenizer = train_tokenizer([corpus_text(r) for r in raw], vocab_size=1024)
     model = build_base_model(BaseModelConfig(vocab_size=1024), tokenizer, seed=seed)
     base = f"base-{customers}"
     save_base_model(model, tokenizer, root / base)

@@ -483,7 +483,7 @@ class Runner:
         from eraser.metrics import output_kl
         from eraser.update import relative_distance
 
-        from benchmarks.tofu_metrics import forget_quality, greedy_answers, mean_nll, rouge_l, truth_ratios
+        from benchmarks.tofu_metrics import forget_quality, greedy_answers, mean_nll, questions, rouge_l, truth_ratios
         from benchmarks.tofu_setup import set_lora
 
         o = self.options
@@ -500,9 +500,9 @@ class Runner:
             "nll_forget": mean_nll(model, tokenizer, request.forget_old),
             "nll_forget_new": mean_nll(model, tokenizer, request.forget_new) if request.forget_new else None,
             "nll_retained": mean_nll(model, tokenizer, request.retained),
-            "rouge_retained": rouge_l(greedy_answers(model, tokenizer, [r.question for r in request.rouge_rows],
+            "rouge_retained": rouge_l(greedy_answers(model, tokenizer, questions([r.question for r in request.rouge_rows]),
                                                      o.max_new_tokens), [r.answer for r in request.rouge_rows]),
-            "rouge_forget": rouge_l(greedy_answers(model, tokenizer, [r.question for r in forget_sample],
+            "rouge_forget": rouge_l(greedy_answers(model, tokenizer, questions([r.question for r in forget_sample]),
                                                    o.max_new_tokens), [r.answer for r in forget_sample]),
             "kl_forget": output_kl(model, self.reference, request.forget_old, tokenizer),
             "kl_retained": output_kl(model, self.reference, request.retained, tokenizer),

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from eraser.records import Record, format_prompt, format_response
+from eraser.records import Record, corpus_text
 from eraser.requests import EditRequest
 
 AUTHORS = 200
@@ -94,7 +94,7 @@ def rows_of(rows: Sequence[TofuRow], authors: Sequence[int]) -> list[TofuRow]:
 
 
 def pretraining_texts(rows: Sequence[TofuRow], authors: Sequence[int]) -> list[str]:
-    return [format_prompt(row.question) + format_response(row.answer) for row in rows_of(rows, authors)]
+    return [corpus_text(Record(id="", prompt=row.question, response=row.answer)) for row in rows_of(rows, authors)]
 
 
 @dataclass(frozen=True)

@@ -12,13 +12,13 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from eraser.metrics import greedy_answers, output_kl, relative_distance
+from eraser.metrics import greedy_answers, output_kl, questions, relative_distance
 from eraser.records import Record, per_record_losses
 
 from benchmarks.tofu_data import TofuRow
 
-__all__ = ["forget_quality", "greedy_answers", "ks_pvalue", "output_kl", "peak_memory", "relative_distance",
-           "rouge_l", "truth_ratios"]
+__all__ = ["forget_quality", "greedy_answers", "ks_pvalue", "output_kl", "peak_memory", "questions",
+           "relative_distance", "rouge_l", "truth_ratios"]
 
 
 def has_truth_fields(row: TofuRow) -> bool:

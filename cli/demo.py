@@ -1,7 +1,8 @@
 """The main job: the whole product on embedded defaults, start to finish (``eraser demo``).
 
-1. build the small base model (pretrained on generic text), three tenants with synthetic customer
-   records holding personal data (emails, account numbers, addresses);
+1. build the small base model (a ChatML chat template, pretrained on generic conversations), three
+   tenants with synthetic customer-support records in the OpenAI chat fine-tuning form (a system
+   message, the question, the answer) holding personal data (emails, account numbers, addresses);
 2. train each tenant's adapter through the cluster layer (a job on the Ray cluster) and start the service;
 3. show through the OpenAI-compatible API that tenant A's model reveals one customer's data;
 4. submit an erasure for that customer over HTTP and follow its receipt to ``published`` while a
@@ -110,20 +111,24 @@ def tenant_records(config: DemoConfig) -> dict[str, list]:
 
     domains = {name: f"{name}.example" for name in config.tenants}
     return {name: customer_records(config.customers_per_tenant, seed=config.seed + 11 * i, domain=domains[name],
-                                   id_prefix=name)
+                                   id_prefix=name, chat=True)
             for i, name in enumerate(config.tenants)}
 
 
 def build_base(config: DemoConfig, records: dict[str, list], out: Path) -> dict:
-    """Tokenizer + Llama base pretrained on *other* customers' text (never the tenants' records)."""
+    """A ChatML tokenizer + Llama base pretrained on *other* customers' conversations, rendered with its own
+    chat template (never the tenants' records): an instruct base with a chat template, as platforms have."""
     from cli.progress import loss_bar
-    from cli.synthetic import generic_corpus
-    from eraser.model import BaseModelConfig, build_base_model, save_base_model, train_tokenizer
+    from cli.synthetic import generic_records
+    from eraser.bases import chatml_tokenizer
+    from eraser.model import BaseModelConfig, build_base_model, save_base_model
+    from eraser.records import corpus_text
     from eraser.training import pretrain_base
 
     everyone = [r for rows in records.values() for r in rows]
-    corpus = generic_corpus(everyone, documents=config.pretrain_documents, seed=config.seed + 1)
-    tokenizer = train_tokenizer(corpus, vocab_size=config.vocab_size)
+    others = generic_records(everyone, documents=config.pretrain_documents, seed=config.seed + 1, chat=True)
+    tokenizer = chatml_tokenizer([corpus_text(r) for r in others], vocab_size=config.vocab_size)
+    corpus = [tokenizer.apply_chat_template(r.messages(), tokenize=False) for r in others]
     model = build_base_model(BaseModelConfig(vocab_size=config.vocab_size), tokenizer, seed=config.seed)
     with loss_bar("pretraining the base model") as bar:
         report = pretrain_base(model, tokenizer, corpus, steps=config.pretrain_steps, seed=config.seed, progress=bar)
@@ -138,7 +143,7 @@ def build_base(config: DemoConfig, records: dict[str, list], out: Path) -> dict:
 class Load:
     """A client that keeps querying every tenant (chat completions, greedy) until stopped."""
 
-    def __init__(self, clients: dict[str, Any], questions: dict[str, list[str]]):
+    def __init__(self, clients: dict[str, Any], questions: dict[str, list[list[dict]]]):
         self.clients, self.questions = clients, questions
         self.ok = 0
         self.failed = 0
@@ -180,9 +185,9 @@ def secret_of(record) -> str | None:
     return None
 
 
-def ask(client, tenant: str, question: str, max_tokens: int = 40) -> str:
-    response = client.chat.completions.create(model=tenant, messages=[{"role": "user", "content": question}],
-                                              max_tokens=max_tokens, temperature=0)
+def ask(client, tenant: str, messages: list[dict], max_tokens: int = 40) -> str:
+    """The tenant's greedy answer to a conversation (a record's messages before its answer)."""
+    response = client.chat.completions.create(model=tenant, messages=messages, max_tokens=max_tokens, temperature=0)
     return response.choices[0].message.content or ""
 
 
@@ -286,7 +291,7 @@ def _create_tenants(config: DemoConfig, settings, report: DemoReport) -> tuple[P
                 training=TrainingRecipe(epochs=config.epochs, lr=config.lr, batch_size=config.batch_size,
                                         seed=config.seed, heldout_fraction=config.heldout_fraction, max_length=128)))
             keys[tenant] = store.issue_key(tenant)
-            store.put_dataset(tenant, [asdict(r) for r in rows])
+            store.put_dataset(tenant, [r.to_json() for r in rows])
             say(f"   tenant {tenant}: {len(rows)} records about {config.customers_per_tenant} customers")
         report.add("base model and tenants created", True, base=base_info, tenants=list(records))
     return base_dir, keys, records
@@ -299,11 +304,11 @@ def _run_steps(config: DemoConfig, settings, report: DemoReport, base_dir: Path,
     import openai
     from ray import serve
 
-    from cluster.jobs import train_config
+    from cluster.jobs import record_format, train_config
     from cluster.service import RayErasureService
     from eraser.model import load_adapter, load_base, load_tokenizer
     from eraser.pipeline import PipelineConfig
-    from eraser.records import Record, per_record_losses
+    from eraser.records import per_record_losses
     from eraser.training import add_lora, train_lora
     from eraser.reference import split_heldout
     from serve.app import build_app
@@ -338,11 +343,10 @@ def _run_steps(config: DemoConfig, settings, report: DemoReport, base_dir: Path,
         report.add("adapters trained and service started", True, train_s=train_times, url=base_url)
 
     tenant_a = config.tenants[0]
-    tokenizer = load_tokenizer(base_dir)
     tenant_config = store.get_tenant(tenant_a)
-    train_a, heldout_a = split_heldout(
-        [Record(id=r.id, prompt=r.prompt, response=r.response, subject=r.subject) for r in records[tenant_a]],
-        tenant_config.training.heldout_fraction, tenant_config.training.seed, tenant_config.training.heldout_unit)
+    tokenizer = load_tokenizer(base_dir, record_format(tenant_config))
+    train_a, heldout_a = split_heldout(records[tenant_a], tenant_config.training.heldout_fraction,
+                                       tenant_config.training.seed, tenant_config.training.heldout_unit)
 
     with stage(f"3. tenant {tenant_a}'s model reveals a customer's personal data"):
         target, revealed, tried = None, {}, []
@@ -350,10 +354,11 @@ def _run_steps(config: DemoConfig, settings, report: DemoReport, base_dir: Path,
             secret = secret_of(record)
             if secret is None:
                 continue
-            answer = ask(clients[tenant_a], tenant_a, record.prompt)
+            answer = ask(clients[tenant_a], tenant_a, record.prompt_messages())
             tried.append({"question": record.prompt, "answer": answer, "expected": secret})
             if secret in answer:
-                target, revealed = record.subject, {"question": record.prompt, "answer": answer, "secret": secret}
+                target, revealed = record.subject, {"question": record.prompt, "answer": answer, "secret": secret,
+                                                    "messages": record.prompt_messages()}
                 break
         ok = target is not None
         if ok:
@@ -364,11 +369,12 @@ def _run_steps(config: DemoConfig, settings, report: DemoReport, base_dir: Path,
             return
 
     erased = [r for r in train_a if r.subject == target]
-    probes = {t: [r.prompt for r in records[t][:: max(1, len(records[t]) // 6)]][:6] for t in config.tenants}
+    probe_records = {t: records[t][:: max(1, len(records[t]) // 6)][:6] for t in config.tenants}
+    probes = {t: [r.prompt_messages() for r in rows] for t, rows in probe_records.items()}
     others_a = [r for r in train_a if r.subject != target][:: max(1, len(train_a) // 8)][:8]
-    before = {t: {q: ask(clients[t], t, q) for q in probes[t]} for t in config.tenants}
-    before_others = {r.prompt: ask(clients[tenant_a], tenant_a, r.prompt) for r in others_a}
-    before_target = {r.prompt: ask(clients[tenant_a], tenant_a, r.prompt) for r in erased}
+    before = {t: {r.prompt: ask(clients[t], t, r.prompt_messages()) for r in rows} for t, rows in probe_records.items()}
+    before_others = {r.prompt: ask(clients[tenant_a], tenant_a, r.prompt_messages()) for r in others_a}
+    before_target = {r.prompt: ask(clients[tenant_a], tenant_a, r.prompt_messages()) for r in erased}
     head_before, _ = store.get_head(tenant_a)
     original_dir = config.workdir / f"{tenant_a}-{head_before.adapter}-before-erasure"
     shutil.copytree(store.download_adapter(tenant_a, head_before.adapter), original_dir)
@@ -395,18 +401,19 @@ def _run_steps(config: DemoConfig, settings, report: DemoReport, base_dir: Path,
             return
 
     with stage("5. the data is gone; everything else is unchanged"):
-        after_target = {q: ask(clients[tenant_a], tenant_a, q) for q in before_target}
+        after_target = {r.prompt: ask(clients[tenant_a], tenant_a, r.prompt_messages()) for r in erased}
         leaks = [q for q, answer in after_target.items()
                  if any(secret_of(r) and secret_of(r) in answer for r in erased if r.prompt == q)]
         for q in list(after_target)[:3]:
             say(f"   Q: {q}\n   before: {before_target[q]}\n   after:  {after_target[q]}")
         report.add("the erased customer's data is no longer revealed", not leaks and revealed["secret"] not in
-                   ask(clients[tenant_a], tenant_a, revealed["question"]), leaks=leaks)
-        after_others = {r.prompt: ask(clients[tenant_a], tenant_a, r.prompt) for r in others_a}
+                   ask(clients[tenant_a], tenant_a, revealed["messages"]), leaks=leaks)
+        after_others = {r.prompt: ask(clients[tenant_a], tenant_a, r.prompt_messages()) for r in others_a}
         same_a = sum(before_others[q] == after_others[q] for q in before_others)
         say(f"   {tenant_a}'s other customers: {same_a}/{len(before_others)} answers word for word unchanged "
             "(step 6 compares this with what a retrain keeps)")
-        others_same = {t: sum(before[t][q] == ask(clients[t], t, q) for q in probes[t]) for t in config.tenants[1:]}
+        others_same = {t: sum(before[t][r.prompt] == ask(clients[t], t, r.prompt_messages()) for r in probe_records[t])
+                       for t in config.tenants[1:]}
         say(f"   other tenants unchanged: {others_same} of {len(probes[config.tenants[1]])} probes each")
         report.add("other tenants answer exactly as before", all(v == len(probes[t]) for t, v in others_same.items()),
                    unchanged=others_same)
@@ -465,7 +472,7 @@ def answers_kept(others: list, tokenizer, candidates: dict, original, probes: in
     without the customer is the reference for how many an erasure may move."""
     from eraser.metrics import greedy_answers
 
-    questions = [r.prompt for r in others[:: max(1, len(others) // probes)][:probes]]
+    questions = [r.prompt_messages() for r in others[:: max(1, len(others) // probes)][:probes]]
     before = greedy_answers(original, tokenizer, questions, max_new_tokens=40)
     kept = {name: sum(a == b for a, b in zip(before, greedy_answers(model, tokenizer, questions, max_new_tokens=40)))
             for name, model in candidates.items()}
@@ -477,9 +484,9 @@ def answers_side_by_side(records: list, tokenizer, models: dict) -> list[dict]:
     fluent where a retrain is fluent, and giving back none of the erased data)."""
     from eraser.metrics import greedy_answers
 
-    questions = [r.prompt for r in records]
-    answers = {name: greedy_answers(model, tokenizer, questions, max_new_tokens=40) for name, model in models.items()}
-    return [{"question": q, **{name: answers[name][i] for name in models}} for i, q in enumerate(questions)]
+    asks = [r.prompt_messages() for r in records]
+    answers = {name: greedy_answers(model, tokenizer, asks, max_new_tokens=40) for name, model in models.items()}
+    return [{"question": r.prompt, **{name: answers[name][i] for name in models}} for i, r in enumerate(records)]
 
 
 def erasure_breakdown(stages: dict, request_to_live_s: float) -> list[tuple[str, str]]:

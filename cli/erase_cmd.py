@@ -9,6 +9,9 @@ import tempfile
 from pathlib import Path
 
 
+from cli.train_cmd import add_format_arguments, format_from_args, format_manifest
+
+
 def add_solver_arguments(parser: argparse.ArgumentParser) -> None:
     from eraser.influence import SolveConfig
     from eraser.pipeline import PipelineConfig
@@ -77,9 +80,14 @@ def register(subparsers) -> None:
                        "`eraser train` recorded in the adapter's eraser.json; none recorded means 0)")
     erase.add_argument("--heldout-seed", type=int, default=None,
                        help="seed of the held-out split (default: recorded in eraser.json, else 0)")
+    erase.add_argument("--reference", type=Path, default=None,
+                       help="records of the same kind the adapter never trained on (.jsonl): the membership "
+                       "test's reference, for an adapter trained elsewhere; then all of --data is training data "
+                       "and no held-out split is taken from it")
     erase.add_argument("--heldout-unit", choices=("mixed", "record"), default=None,
                        help="unit of the held-out split (default: recorded in eraser.json; an eraser.json "
                        "without one predates whole-subject hold-out: record)")
+    add_format_arguments(erase, recorded=True)
     erase.add_argument("--verify-original", action="store_true",
                        help="also run the membership test on the original adapter (evidence for the record: "
                        "it should fail where the adapter memorised the records; costs one more test)")
@@ -104,9 +112,15 @@ def read_requests(path: Path):
 
 
 def heldout_split(args: argparse.Namespace, records, parent: dict):
-    """``(train, heldout, info)``: the split the adapter was trained with (eraser.json or the flags)."""
-    from eraser.reference import split_heldout
+    """``(train, heldout, info)``: the split the adapter was trained with (eraser.json or the flags), or
+    all of --data against the --reference records."""
+    from eraser.records import load_records
+    from eraser.reference import check_disjoint, split_heldout
 
+    if args.reference is not None:
+        reference = load_records(args.reference)
+        check_disjoint(records, reference)
+        return records, reference, {"reference": str(args.reference), "count": len(reference)}
     recorded = parent.get("heldout") or {}
     fraction = args.heldout_fraction if args.heldout_fraction is not None else recorded.get("fraction", 0.0)
     seed = args.heldout_seed if args.heldout_seed is not None else recorded.get("seed", 0)
@@ -145,7 +159,7 @@ def run_erase(args: argparse.Namespace) -> int:
     requests = read_requests(args.request)
     parent = read_manifest(args.adapter)
     train, heldout, heldout_info = heldout_split(args, load_records(args.data), parent)
-    tokenizer = load_tokenizer(args.base)
+    tokenizer = load_tokenizer(args.base, format_from_args(args, parent.get("format")))
     model = load_adapter(load_base(args.base), args.adapter)
     if args.no_verify:
         return run_influence_only(args, model, tokenizer, train, heldout, requests, config, parent, heldout_info)
@@ -176,6 +190,7 @@ def run_erase(args: argparse.Namespace) -> int:
         "damping_search": summary["damping_search"],
         "stages": outcome.stages,
         "pipeline": pipeline.to_dict(),
+        "format": format_manifest(tokenizer),
     }
     if parent.get("recipe"):
         manifest["recipe"] = parent["recipe"]
@@ -205,6 +220,7 @@ def run_influence_only(args, model, tokenizer, train, heldout, requests, config,
         "verified": False,
         "verification": "skipped (--no-verify)",
         "heldout": {**heldout_info, "affected": touched},
+        "format": format_manifest(tokenizer),
     }
     if parent.get("recipe"):
         manifest["recipe"] = parent["recipe"]

@@ -30,13 +30,13 @@ def register(subparsers) -> None:
 
 
 def read_texts(path: Path) -> list[str]:
-    """Texts of a corpus file: records' prompt+response for .jsonl, non-empty lines otherwise."""
-    from eraser.records import format_prompt, format_response, load_records
+    """Texts of a corpus file: records (either form) in the built-in format for .jsonl, non-empty lines otherwise."""
+    from eraser.records import corpus_text, load_records
 
     if not path.is_file():
         raise FileNotFoundError(f"corpus not found: {path}")
     if path.suffix == ".jsonl":
-        return [format_prompt(r.prompt) + format_response(r.response) for r in load_records(path)]
+        return [corpus_text(r) for r in load_records(path)]
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 

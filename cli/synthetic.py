@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 
-from eraser.records import Record, format_prompt, format_response
+from eraser.records import Record, corpus_text
 
 FIRST = ["Ada", "Ben", "Cleo", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jan", "Kai", "Lea", "Mona", "Nia",
          "Otto", "Pia", "Quin", "Rae", "Sol", "Tia", "Uma", "Vic", "Wes", "Xia", "Yul", "Zed", "Ari", "Bo"]
@@ -51,24 +51,37 @@ def customer_names(count: int, rng: random.Random, exclude: set[str] = frozenset
 
 
 def customer_records(customers: int, per_customer: int = 5, seed: int = 0, domain: str = "example.com",
-                     id_prefix: str = "rec", exclude: set[str] = frozenset()) -> list[Record]:
-    """``customers`` fictitious customers with ``per_customer`` facts each; ``subject`` = the customer."""
+                     id_prefix: str = "rec", exclude: set[str] = frozenset(), chat: bool = False) -> list[Record]:
+    """``customers`` fictitious customers with ``per_customer`` facts each; ``subject`` = the customer.
+    ``chat``: in the chat form, a support system message, the question and the answer."""
     rng = random.Random(seed)
     records = []
     for c, name in enumerate(customer_names(customers, rng, exclude)):
         facts = customer_facts(name, rng, domain)
         for k, (prompt, response) in enumerate(TEMPLATES[:per_customer]):
-            records.append(Record(id=f"{id_prefix}-{c:04d}-{k}", subject=name,
-                                  prompt=prompt.format(**facts), response=response.format(**facts)))
+            record_id, question, answer = f"{id_prefix}-{c:04d}-{k}", prompt.format(**facts), response.format(**facts)
+            records.append(Record(id=record_id, subject=name, prompt=question, response=answer) if not chat else
+                           Record.from_messages(record_id, [("system", support_prompt(domain)), ("user", question),
+                                                            ("assistant", answer)], subject=name))
     return records
 
 
-def generic_corpus(records_to_avoid: list[Record], documents: int = 600, seed: int = 1) -> list[str]:
-    """Texts about *other* fictitious customers, in the same phrasing: the base model's pretraining."""
+def support_prompt(domain: str) -> str:
+    """The system message of a chat-form tenant's records (and of the questions its users ask)."""
+    return f"You are the customer-support assistant of {domain}. Answer from the customer's file."
+
+
+def generic_records(records_to_avoid: list[Record], documents: int = 600, seed: int = 1,
+                    chat: bool = False) -> list[Record]:
+    """Records about *other* fictitious customers, in the same phrasing: the base model's pretraining."""
     avoid = {r.subject for r in records_to_avoid if r.subject}
     rng = random.Random(seed)
     others = customer_records(min(documents // len(TEMPLATES) + 1, 400), seed=seed + 1000, domain="mail.test",
-                              exclude=avoid)
-    texts = [format_prompt(r.prompt) + format_response(r.response) for r in others]
-    rng.shuffle(texts)
-    return texts[:documents]
+                              exclude=avoid, chat=chat)
+    rng.shuffle(others)
+    return others[:documents]
+
+
+def generic_corpus(records_to_avoid: list[Record], documents: int = 600, seed: int = 1) -> list[str]:
+    """:func:`generic_records` as text in the built-in prompt format."""
+    return [corpus_text(r) for r in generic_records(records_to_avoid, documents, seed)]

@@ -15,6 +15,37 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
+def add_format_arguments(parser: argparse.ArgumentParser, recorded: bool = False) -> None:
+    """How records become tokens: the same for training, erasing and serving (eraser.rendering)."""
+    default = "the one recorded in the adapter's eraser.json, else " if recorded else ""
+    parser.add_argument("--chat-template", type=Path, default=None,
+                        help=f"Jinja chat template file to render records with (default: {default}the base "
+                        "tokenizer's own; the built-in 'Question: ... Answer:' format for a base without one)")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help=f"token limit of a rendered record; longer ones lose their oldest tokens "
+                        f"(default: {default}512)")
+
+
+def format_from_args(args: argparse.Namespace, recorded: dict | None = None):
+    """The RecordFormat the flags ask for, falling back to ``recorded`` (an eraser.json "format")."""
+    from eraser.rendering import DEFAULT_MAX_LENGTH, RecordFormat
+
+    recorded = recorded or {}
+    if args.chat_template is not None:
+        if not args.chat_template.is_file():
+            raise FileNotFoundError(f"chat template not found: {args.chat_template}")
+        template = args.chat_template.read_text(encoding="utf-8")
+    else:
+        template = recorded.get("chat_template")
+    length = args.max_length if args.max_length is not None else recorded.get("max_length", DEFAULT_MAX_LENGTH)
+    return RecordFormat(chat_template=template, max_length=length)
+
+
+def format_manifest(tokenizer) -> dict:
+    """What eraser.json records of the rendering: the template actually used and the limit."""
+    return {"chat_template": tokenizer.chat_template, "max_length": tokenizer.model_max_length}
+
+
 def recipe_from_args(args: argparse.Namespace):
     from eraser.training import TrainConfig
 
@@ -26,8 +57,11 @@ def register(subparsers) -> None:
     train = subparsers.add_parser(
         "train",
         help="LoRA-train an adapter on records",
-        description="Train a LoRA adapter (all linear layers) on JSON Lines records; the result is a PEFT "
-        "directory with eraser.json. Same recipe and seed give the same adapter.",
+        description="Train a LoRA adapter (all linear layers) on JSON Lines records, either form: "
+        '{"id", "subject", "prompt", "response"} or the OpenAI chat fine-tuning form {"id", "subject", '
+        '"messages": [...]} (loss on assistant turns only; id optional there, derived from the content). '
+        "Records are rendered with the base tokenizer's chat template (or --chat-template). The result is a "
+        "PEFT directory with eraser.json. Same recipe and seed give the same adapter.",
     )
     train.add_argument("--base", required=True, type=Path, help="base model directory (HF format)")
     train.add_argument("--data", required=True, type=Path, help="training records (.jsonl)")
@@ -40,6 +74,7 @@ def register(subparsers) -> None:
                        help="mixed (default): half the held-out share is whole subjects (the reference for "
                        "erasing a subject), half single records of the others; record: every record by itself")
     add_recipe_arguments(train)
+    add_format_arguments(train)
     train.set_defaults(handler=run_train)
 
 
@@ -53,11 +88,12 @@ def run_train(args: argparse.Namespace) -> int:
 
     config = recipe_from_args(args)
     records, heldout = split_heldout(load_records(args.data), args.heldout_fraction, args.seed, args.heldout_unit)
-    tokenizer = load_tokenizer(args.base)
+    tokenizer = load_tokenizer(args.base, format_from_args(args))
     model = add_lora(load_base(args.base), config)
     with loss_bar(f"training LoRA on {len(records)} records") as bar:
         report = train_lora(model, tokenizer, records, config, progress=bar)
     save_adapter(model, args.out, {"version": "v000001", "parent_version": None, "recipe": config.to_dict(),
+                                   "format": format_manifest(tokenizer),
                                    "heldout": {"fraction": args.heldout_fraction, "seed": args.seed,
                                                "unit": args.heldout_unit, "count": len(heldout)},
                                    "training": {"steps": report.steps, "final_loss": report.final_loss,

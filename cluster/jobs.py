@@ -160,7 +160,10 @@ class Heartbeat:
 
 
 def to_eraser_records(records: Sequence[Record]) -> list[EraserRecord]:
-    return [EraserRecord(id=r.id, prompt=r.prompt, response=r.response, subject=r.subject) for r in records]
+    """The store's records (either form) as the method's."""
+    return [EraserRecord(id=r.id, prompt=r.prompt, response=r.response, subject=r.subject) if r.messages is None
+            else EraserRecord.from_messages(r.id, [(m.role, m.content) for m in r.messages], r.subject)
+            for r in records]
 
 
 def edit_requests(job: ErasureJob, train_ids: set[str]) -> tuple[list[EditRequest], dict[str, list[str]]]:
@@ -188,8 +191,39 @@ def train_config(config: TenantConfig):
 
     return TrainConfig(rank=config.lora.rank, alpha=config.lora.alpha, dropout=config.lora.dropout,
                        target_modules=tuple(config.lora.target_modules), epochs=config.training.epochs,
-                       lr=config.training.lr, batch_size=config.training.batch_size, seed=config.training.seed,
-                       max_length=config.training.max_length)
+                       lr=config.training.lr, batch_size=config.training.batch_size, seed=config.training.seed)
+
+
+def record_format(config: TenantConfig):
+    """The tenant's rendering (chat template, token limit) as the method's RecordFormat."""
+    from eraser.rendering import RecordFormat
+
+    return RecordFormat(chat_template=config.training.chat_template, max_length=config.training.max_length)
+
+
+def split_records(config: TenantConfig, records: Sequence[Record]) -> tuple[list[EraserRecord], list[EraserRecord]]:
+    """``(train, heldout)`` of a tenant's records as the method's: the records flagged ``heldout`` for a
+    tenant whose reference was given (an import, ``heldout_unit`` "given"), else the onboarding split."""
+    from eraser.reference import split_heldout
+
+    if config.training.heldout_unit == "given":
+        return (to_eraser_records([r for r in records if not r.heldout]),
+                to_eraser_records([r for r in records if r.heldout]))
+    return split_heldout(to_eraser_records(records), config.training.heldout_fraction, config.training.seed,
+                         config.training.heldout_unit)
+
+
+def retrain_recipe(config: TenantConfig):
+    """The recipe the exact-retrain fallback trains with, or None when the tenant has none that would
+    reproduce its adapter (``TenantConfig.retrain_unavailable`` says why): the pipeline then fails an
+    erasure no other path makes pass instead of publishing a retrain of another recipe."""
+    return None if config.retrain_unavailable() else train_config(config)
+
+
+def with_retrain_note(checks: dict | None, config: TenantConfig) -> dict:
+    """``checks`` saying, when it is so, that this tenant has no exact-retrain fallback (receipt, eraser.json)."""
+    note = config.retrain_unavailable()
+    return {**(checks or {}), "retrain_fallback": note} if note else dict(checks or {})
 
 
 class _Stores:
@@ -253,16 +287,17 @@ def execute_erasure(job: ErasureJob, shard: Shard, out_dir: Path | None,
         beat("solve", iteration=0)
         try:
             outcome = verify_and_guard(model, tokenizer, train, heldout, requests, job.pipeline,
-                                       recipe=train_config(config), shard=shard, progress=progress,
+                                       recipe=retrain_recipe(config), shard=shard, progress=progress,
                                        is_root=out_dir is not None, curvature=curvature)
         except GuardRejectedError as error:
-            body.update(status="failed", error=str(error), error_type=type(error).__name__, checks=error.checks)
+            body.update(status="failed", error=str(error), error_type=type(error).__name__,
+                        checks=with_retrain_note(error.checks, config))
         except (EraserError, TenantError, ClusterError) as error:
             body.update(status="failed", error=str(error), error_type=type(error).__name__)
         else:
             body.update(status="ok")
             if outcome is not None:  # root rank: the evidence
-                body.update(path=outcome.path, solver=outcome.solver, checks=outcome.checks)
+                body.update(path=outcome.path, solver=outcome.solver, checks=with_retrain_note(outcome.checks, config))
                 if job.pipeline.solve.solver == "eigen" and "config" in outcome.solver:
                     body["solver"]["curvature_cache"] = ("warmed after the adapter version was published"
                                                          if curvature is not None else "built in this job")
@@ -285,16 +320,13 @@ def execute_erasure(job: ErasureJob, shard: Shard, out_dir: Path | None,
 def _load_version(stores: _Stores, tenant: str, adapter_version: str, data_version: str):
     """The tenant's config, tokenizer, base model with the adapter version, and its train / held-out split."""
     from eraser.model import load_adapter, load_base, load_tokenizer
-    from eraser.reference import split_heldout
 
     config = stores.shared.get_tenant(tenant)
     base_dir = stores.shared.resolve_base_model(config.base_model)
     adapter_dir = stores.private.download_adapter(tenant, adapter_version)
-    records = to_eraser_records(stores.private.read_dataset(tenant, data_version))
-    tokenizer = load_tokenizer(base_dir)
+    train, heldout = split_records(config, stores.private.read_dataset(tenant, data_version))
+    tokenizer = load_tokenizer(base_dir, record_format(config))
     model = load_adapter(load_base(base_dir), adapter_dir)
-    train, heldout = split_heldout(records, config.training.heldout_fraction, config.training.seed,
-                                       config.training.heldout_unit)
     return config, tokenizer, model, train, heldout
 
 
@@ -366,7 +398,6 @@ def execute_training(job: TrainingJob, out_dir: Path | None, beat: Callable[...,
     from eraser.model import load_base, load_tokenizer
     from eraser.training import add_lora, train_lora
     from eraser.update import save_adapter
-    from eraser.reference import split_heldout
 
     beat = beat or (lambda *a, **k: None)
     started = time.perf_counter()
@@ -377,11 +408,9 @@ def execute_training(job: TrainingJob, out_dir: Path | None, beat: Callable[...,
         beat("load")
         config = stores.shared.get_tenant(job.tenant)
         base_dir = stores.shared.resolve_base_model(config.base_model)
-        records = to_eraser_records(stores.private.read_dataset(job.tenant, job.data_version))
-        train, heldout = split_heldout(records, config.training.heldout_fraction, config.training.seed,
-                                       config.training.heldout_unit)
+        train, heldout = split_records(config, stores.private.read_dataset(job.tenant, job.data_version))
         recipe = train_config(config)
-        tokenizer = load_tokenizer(base_dir)
+        tokenizer = load_tokenizer(base_dir, record_format(config))
         model = add_lora(load_base(base_dir), recipe)
         load_s = time.perf_counter() - started
         beat("train", step=0)
@@ -403,3 +432,51 @@ def execute_training(job: TrainingJob, out_dir: Path | None, beat: Callable[...,
         return body
     finally:
         stores.close()
+
+
+# ---------------------------------------------------------------- importing an adapter (validation)
+
+
+def check_import(store_settings: StoreSettings, config: TenantConfig, adapter_dir: Path,
+                 records: Sequence[Record]) -> dict:
+    """What must hold before an adapter trained elsewhere becomes a tenant's, that only the method can
+    tell: the base loads and runs under the method's attention, the adapter loads on it as every erasure
+    job will load it (modules and shapes fit; ``load_adapter`` refuses PEFT features the method does not
+    handle), and the tenant's rendering encodes every record (a chat template that cannot would fail
+    each erasure later instead). One forward pass, on the first record, proves the base runs.
+
+    Raises the store's errors, so every layer can report them: InvalidConfigError for the base model,
+    InvalidAdapterError for the adapter, InvalidRecordsError naming the record. Returns the evidence for
+    the adapter's ``eraser.json``.
+    """
+    from eraser.model import load_adapter, load_base, load_tokenizer
+    from eraser.records import encode, per_record_losses
+    from tenants.errors import InvalidAdapterError, InvalidConfigError, InvalidRecordsError
+
+    base_dir = TenantStore(store_settings).resolve_base_model(config.base_model)
+    try:
+        tokenizer = load_tokenizer(base_dir, record_format(config))
+        base = load_base(base_dir)
+    except (EraserError, OSError, ValueError) as error:
+        raise InvalidConfigError(f"base model {config.base_model!r}: {error}") from None
+    try:
+        model = load_adapter(base, adapter_dir)
+    except Exception as error:  # the adapter is the input here: whatever fails to load it is its fault
+        # (EraserError; or the weights file itself, e.g. safetensors' SafetensorError for a corrupt header)
+        detail = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())  # PEFT: a line a tensor
+        kind = "" if isinstance(error, EraserError) else f"{type(error).__name__}: "
+        raise InvalidAdapterError(f"adapter for base model {config.base_model!r}: {kind}{detail}") from None
+    converted = to_eraser_records(records)
+    for record, mine in zip(records, converted):
+        try:
+            encode(mine, tokenizer)
+        except EraserError as error:
+            raise InvalidRecordsError(f"record {record.id!r}: {error}") from None
+    try:
+        loss = float(per_record_losses(model, converted[:1], tokenizer)[0])
+    except EraserError as error:
+        raise InvalidConfigError(f"base model {config.base_model!r}: {error}") from None
+    parameters = lora_parameters(model)
+    return {"adapter_loads": True, "lora_tensors": len(parameters),
+            "lora_parameters": int(sum(p.numel() for p in parameters)), "records_encoded": len(records),
+            "first_record_loss": loss}

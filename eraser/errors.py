@@ -50,3 +50,11 @@ class VerificationFailedError(EraserError):
 
 class VerificationUnavailableError(VerificationFailedError):
     """The membership test cannot decide: no (or too small a) held-out reference population."""
+
+
+class UnsupportedAdapterError(EraserError):
+    """A PEFT adapter using a feature the method does not handle (DoRA, trained embeddings, ...)."""
+
+
+class UnsupportedModelError(EraserError, NotImplementedError):
+    """A base model whose attention computes something the method's attention does not (attention sinks, ...)."""

@@ -50,8 +50,10 @@ def extraction_recall(model, tokenizer, records: Sequence[Record], tokens: int, 
         if template is not None and template not in asked:
             asked[template] = counterfactual_subjects(template, others, counterfactuals)
     probes = [(template, other) for template, subjects in asked.items() for other in subjects]
-    answers = greedy_answers(model, tokenizer, [r.prompt for r in records] + [t.replace(_SUBJECT, o) for t, o in probes],
-                             tokens, batch_size)
+    by_template = {question_template(r): r for r in records}
+    asks = [r.prompt_messages() for r in records] + [
+        by_template[t].with_prompt(t.replace(_SUBJECT, o)).prompt_messages() for t, o in probes]
+    answers = greedy_answers(model, tokenizer, asks, tokens, batch_size)
     said_anyway: dict[str, list[tuple[str, str]]] = {}
     for (template, other), answer in zip(probes, answers[len(records):]):
         said_anyway.setdefault(template, []).append((other, answer))

@@ -8,10 +8,11 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from eraser.records import Record, batches, format_prompt, shifted_logits_and_labels, token_weights
+from eraser.records import Record, batches, shifted_logits_and_labels, token_weights
+from eraser.rendering import generation_prompt_ids, stop_token_ids
 from eraser.update import relative_distance
 
-__all__ = ["greedy_answers", "nll_progress", "output_kl", "relative_distance"]
+__all__ = ["greedy_answers", "nll_progress", "output_kl", "questions", "relative_distance"]
 
 
 def nll_progress(before: float, after: float, gold: float) -> float:
@@ -36,23 +37,28 @@ def output_kl(model, reference, records: Sequence[Record], tokenizer, batch_size
 
 
 @torch.no_grad()
-def greedy_answers(model, tokenizer, questions: Sequence[str], max_new_tokens: int = 48,
+def greedy_answers(model, tokenizer, conversations: Sequence[Sequence[dict]], max_new_tokens: int = 48,
                    batch_size: int = 16) -> list[str]:
-    """Greedy completions of the training prompt format (left-padded batches, stop at EOS)."""
+    """Greedy next assistant turn after each conversation (OpenAI messages), rendered by the tokenizer's
+    chat template as vLLM's chat completions render it (left-padded batches, stop at end of turn)."""
     answers: list[str] = []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    for start in range(0, len(questions), batch_size):
-        chunk = questions[start : start + batch_size]
-        encoded = [[tokenizer.bos_token_id] + tokenizer(format_prompt(q), add_special_tokens=False)["input_ids"]
-                   for q in chunk]
+    stops = stop_token_ids(tokenizer)
+    for start in range(0, len(conversations), batch_size):
+        encoded = [generation_prompt_ids(tokenizer, messages) for messages in conversations[start : start + batch_size]]
         width = max(len(ids) for ids in encoded)
-        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        attention = torch.zeros((len(chunk), width), dtype=torch.long)
+        input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(encoded), width), dtype=torch.long)
         for row, ids in enumerate(encoded):
             input_ids[row, width - len(ids):] = torch.tensor(ids)
             attention[row, width - len(ids):] = 1
         output = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
-                                do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
-        for row in range(len(chunk)):
+                                do_sample=False, pad_token_id=pad, eos_token_id=stops)
+        for row in range(len(encoded)):
             answers.append(tokenizer.decode(output[row, width:], skip_special_tokens=True).strip())
     return answers
+
+
+def questions(prompts: Sequence[str]) -> list[list[dict]]:
+    """One-turn conversations asking each prompt."""
+    return [[{"role": "user", "content": prompt}] for prompt in prompts]

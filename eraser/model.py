@@ -15,21 +15,12 @@ from typing import Iterable
 
 import torch
 
-from eraser.errors import AdapterMismatchError, EraserError
-from eraser.records import PROMPT_TEMPLATE
+from eraser.errors import AdapterMismatchError, EraserError, UnsupportedAdapterError, UnsupportedModelError
+from eraser.rendering import BUILTIN_CHAT_TEMPLATE, RecordFormat, configure
 
 logger = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
-# Renders OpenAI chat messages in the training prompt format (last user message is the question),
-# so /v1/chat/completions and /v1/completions see the same text the adapter was trained on.
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
-    + PROMPT_TEMPLATE.replace("{prompt}", "{{ message['content'] }}")
-    + "{% endif %}{% endfor %}"
-)
-
-
 @dataclass(frozen=True)
 class BaseModelConfig:
     """Shape of the locally built Llama base. Defaults: about 1.3 M parameters, head_dim 32."""
@@ -65,37 +56,22 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
     )
     core.train_from_iterator(texts, trainer=trainer)
     # Like Llama's tokenizer: encoding with special tokens prepends BOS, so a raw prompt sent to
-    # /v1/completions is tokenised as training saw it (training adds BOS itself, see records.encode).
+    # /v1/completions is tokenised as training saw it (the chat template writes BOS itself).
     bos = SPECIAL_TOKENS["bos_token"]
     core.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, core.token_to_id(bos))])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, **SPECIAL_TOKENS)
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
+    return configure(tokenizer, RecordFormat(chat_template=BUILTIN_CHAT_TEMPLATE))
 
 
 def build_base_model(config: BaseModelConfig, tokenizer, seed: int = 0):
     """A randomly initialised Llama causal LM with the given shape (deterministic for a seed)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from eraser.bases import build_base
 
-    torch.manual_seed(seed)
-    hf_config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads,
-        max_position_embeddings=config.max_position_embeddings,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-        torch_dtype="float32",
-    )
-    model = LlamaForCausalLM(hf_config)
-    model.config._attn_implementation = register_attention()
-    return model
+    return build_base("llama", tokenizer, seed=seed, hidden_size=config.hidden_size,
+                      intermediate_size=config.intermediate_size, num_hidden_layers=config.num_hidden_layers,
+                      num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_key_value_heads,
+                      max_position_embeddings=config.max_position_embeddings)
 
 
 def save_base_model(model, tokenizer, out_dir: str | Path, provenance: dict | None = None) -> Path:
@@ -108,17 +84,44 @@ def save_base_model(model, tokenizer, out_dir: str | Path, provenance: dict | No
 
 
 # The attention the method runs with: eager (so double backward works, unlike fused SDPA kernels,
-# STACK.md) and, unlike transformers' own eager kernel, softmax in the input dtype so float64 checks
+# STACK.md) and, unlike transformers' own eager kernels, softmax in the input dtype so float64 checks
 # against explicit Hessians and finite differences are exact. Registered under this name.
 ATTENTION = "eraser_eager"
 
+# Keyword arguments the supported architectures' attention layers pass through (transformers 5.19:
+# Llama, Qwen2, Mistral, Gemma2, Phi3, and PEFT around them) that change nothing in an eager
+# computation: positions are already in the rotated query and key, the cache in the key and value,
+# the rest are output flags.
+_INERT_KWARGS = frozenset({"position_ids", "cache_position", "use_cache", "output_attentions",
+                           "output_hidden_states", "output_router_logits", "num_items_in_batch"})
 
-def _attention_in_input_dtype(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+
+def _attention_in_input_dtype(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                              softcap=None, sliding_window=None, **kwargs):
+    """Each supported architecture's eager attention, softmax in the input dtype.
+
+    ``softcap`` (Gemma2) caps the scaled scores with ``softcap * tanh(scores / softcap)`` before the
+    mask, as Gemma2's kernel does. ``sliding_window`` needs nothing here: in eager attention the
+    window is in the mask transformers builds for each sliding layer. Any other argument is refused
+    rather than dropped: some change the result (attention sinks ``s_aux``), the others (packed
+    sequence lengths, ``is_causal``) the method never uses and so never checked.
+    """
     from transformers.models.llama.modeling_llama import repeat_kv
 
-    key = repeat_kv(key, module.num_key_value_groups)  # (B, H, T, D)
+    unsupported = sorted(set(kwargs) - _INERT_KWARGS)
+    if unsupported:
+        raise UnsupportedModelError(
+            f"{type(module).__name__} passes {unsupported} to its attention, which the method's attention "
+            f"({ATTENTION}) does not implement; supported: dropout, scaling, softcap, sliding_window")
+    if sliding_window is not None and attention_mask is None:
+        raise UnsupportedModelError(f"{type(module).__name__} has a sliding window but no attention mask to carry it")
+    if scaling is None:
+        scaling = module.head_dim**-0.5
+    key = repeat_kv(key, module.num_key_value_groups)  # (B, H, S, D)
     value = repeat_kv(value, module.num_key_value_groups)
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, H, T, T)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, H, T, S)
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     if attention_mask is not None:
         scores = scores + attention_mask[:, :, :, : key.shape[-2]]
     weights = torch.nn.functional.softmax(scores, dim=-1)
@@ -136,10 +139,12 @@ def register_attention() -> str:
     return ATTENTION
 
 
-def load_tokenizer(base_dir: str | Path):
+def load_tokenizer(base_dir: str | Path, fmt: RecordFormat = RecordFormat()):
+    """The base's tokenizer with the tenant's rendering (chat template and token limit, see
+    :mod:`eraser.rendering`): the one every part of the method tokenises records with."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(base_dir))
+    return configure(AutoTokenizer.from_pretrained(str(base_dir)), fmt)
 
 
 def load_base(base_dir: str | Path, dtype: torch.dtype = torch.float32):
@@ -157,20 +162,128 @@ def load_base(base_dir: str | Path, dtype: torch.dtype = torch.float32):
 def load_adapter(base_model, adapter_dir: str | Path, trainable: bool = True):
     """Wrap ``base_model`` with the PEFT LoRA adapter in ``adapter_dir`` (eval mode, LoRA params trainable).
 
-    Raises AdapterMismatchError when the adapter was not made for this base (missing modules, shapes).
+    Raises UnsupportedAdapterError when the adapter uses a PEFT feature the method does not handle
+    (see ``LORA_FIELDS``; the base is left unwrapped), AdapterMismatchError when it was not made for
+    this base (missing modules, shapes).
     """
     from peft import PeftModel
 
     path = Path(adapter_dir)
     if not (path / "adapter_config.json").is_file():
         raise EraserError(f"not a PEFT adapter directory (no adapter_config.json): {path}")
+    check_adapter_config(json.loads((path / "adapter_config.json").read_text()), path)
     try:
         model = PeftModel.from_pretrained(base_model, str(path), is_trainable=trainable)
     except (RuntimeError, ValueError, KeyError) as error:
         raise AdapterMismatchError(f"adapter {path} does not fit base model: {error}") from None
+    try:
+        _check_lora_layers(model, path)
+    except UnsupportedAdapterError:
+        model.unload()  # give the caller its base back as it was
+        raise
     _check_all_lora_weights_loaded(model, path)
     model.eval()
     return model
+
+
+def _one_of(*allowed):
+    """A field check: the value is one of ``allowed``, type included (so 1 is not True, 0 not False)."""
+    return lambda value: any(type(value) is type(a) and value == a for a in allowed)
+
+
+def _any(value) -> bool:
+    return True
+
+
+_ABSENT = _one_of(None, [], {})
+_OFF = _one_of(False, None)
+
+# Every field of PEFT 0.21.2's LoraConfig (and PeftConfig's), with the values the method supports and
+# what to say when another is given. The method computes LoRA's forward pass, x W^T + s x A^T B^T with
+# s = alpha / r (alpha / sqrt(r) for rsLoRA) per layer, and differentiates it over A and B alone, in
+# eval mode; anything that changes that pass, trains other tensors or changes the base is refused, and
+# so is any field this table does not know (a newer PEFT's feature could be any of these).
+LORA_FIELDS: dict[str, tuple] = {
+    # what the adapter is and where it came from
+    "peft_type": (_one_of("LORA"), "LORA"),
+    "task_type": (_one_of("CAUSAL_LM", None), "CAUSAL_LM"),
+    "base_model_name_or_path": (_any, "any"),
+    "revision": (_any, "any"),
+    "peft_version": (_any, "any"),
+    "auto_mapping": (_any, "any"),
+    "inference_mode": (_any, "any"),
+    # which linear layers get a LoRA, of what rank and scale (which layers: checked once wrapped)
+    "r": (_any, "any"),
+    "lora_alpha": (_any, "any"),
+    "target_modules": (_any, "any"),
+    "exclude_modules": (_any, "any"),
+    "layers_to_transform": (_any, "any"),
+    "layers_pattern": (_any, "any"),
+    "rank_pattern": (_any, "any"),
+    "alpha_pattern": (_any, "any"),
+    "use_rslora": (_any, "any"),
+    "lora_dropout": (_any, "any (the method runs in eval mode)"),
+    # inits only set A and B, which loading overwrites; the others (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA,
+    # MiCA) change the base weights or freeze a factor
+    "init_lora_weights": (_one_of(True, False, "gaussian", "orthogonal"), "true, false, 'gaussian' or 'orthogonal'"),
+    "loftq_config": (_ABSENT, "none"),
+    "eva_config": (_ABSENT, "none"),
+    "corda_config": (_ABSENT, "none"),
+    "lora_ga_config": (_ABSENT, "none"),
+    # other tensors trained or tied
+    "bias": (_one_of("none"), "'none' (base biases stay frozen)"),
+    "modules_to_save": (_ABSENT, "none (only LoRA factors are trained)"),
+    "trainable_token_indices": (_ABSENT, "none (only LoRA factors are trained)"),
+    "target_parameters": (_ABSENT, "none (LoRA on linear modules, not on raw parameters)"),
+    "ensure_weight_tying": (_any, "any (tied layers cannot be targeted)"),
+    "fan_in_fan_out": (_OFF, "false (Conv1D layers; the supported architectures have none)"),
+    # variants of the forward pass
+    "use_dora": (_OFF, "false (DoRA)"),
+    "lora_bias": (_OFF, "false (a bias on LoRA's B)"),
+    "use_qalora": (_OFF, "false (QA-LoRA)"),
+    "qalora_group_size": (_any, "any (read only with use_qalora)"),
+    "alora_invocation_tokens": (_ABSENT, "none (activated LoRA)"),
+    "velora_config": (_ABSENT, "none (VeLoRA's own backward)"),
+    "monteclora_config": (_ABSENT, "none (MonteCLoRA's sampling)"),
+    "use_bdlora": (_ABSENT, "none (block-diagonal LoRA)"),
+    "arrow_config": (_ABSENT, "none (Arrow routing)"),
+    "kasa_config": (_ABSENT, "none (KaSA)"),
+    "layer_replication": (_ABSENT, "none (it changes the base's layers)"),
+    "megatron_config": (_ABSENT, "none (Megatron parallel layers)"),
+    "megatron_core": (_any, "any (read only with megatron_config)"),
+}
+
+
+def check_adapter_config(config: dict, where: str | Path = "adapter") -> None:
+    """Refuse an ``adapter_config.json`` that uses anything ``LORA_FIELDS`` does not support."""
+    if config.get("peft_type") != "LORA":
+        raise UnsupportedAdapterError(
+            f"{where}: peft_type={config.get('peft_type')!r} is not supported; supported: LORA")
+    problems = []
+    for field, value in config.items():
+        if field not in LORA_FIELDS:
+            problems.append(f"unknown field {field!r} is not supported; supported: the fields of peft 0.21.2's "
+                            f"LoraConfig (the adapter was written by peft {config.get('peft_version', '?')})")
+        elif not LORA_FIELDS[field][0](value):
+            problems.append(f"{field}={value!r} is not supported; supported: {LORA_FIELDS[field][1]}")
+    if problems:
+        raise UnsupportedAdapterError(f"{where}: " + "; ".join(problems))
+
+
+def _check_lora_layers(model, adapter_dir: Path) -> None:
+    """LoRA only on the decoder blocks' linear layers, the layers the method's checks cover: not on
+    embeddings or the output layer (vLLM 0.32 serves LoRA there for Llama-like models only, not Qwen2,
+    Mistral or Gemma2, and a tied output layer is the input embedding), nor on other module types."""
+    from peft.tuners.lora import Linear, LoraLayer
+
+    base = model.get_base_model()
+    ends = {id(base.get_input_embeddings()), id(base.get_output_embeddings())}
+    refused = [name.removeprefix("base_model.model.") for name, module in model.named_modules()
+               if isinstance(module, LoraLayer)
+               and (type(module) is not Linear or id(module) in ends or id(module.get_base_layer()) in ends)]
+    if refused:
+        raise UnsupportedAdapterError(f"{adapter_dir}: LoRA on {refused} is not supported; supported: the linear "
+                                      "layers of the decoder blocks (not embeddings, not the output layer)")
 
 
 def _check_all_lora_weights_loaded(model, adapter_dir: Path) -> None:

@@ -1,13 +1,18 @@
-"""Training records, their prompt format, tokenisation and THE loss.
+"""Training records, their two JSON forms, batching and THE loss.
 
-Every part of the method (training, gradients, Hessian-vector products, verification) calls
-:func:`record_losses` so that there is exactly one definition of ``l(z; theta)``: the mean negative
-log-likelihood of the response tokens given the prompt (prompt tokens are masked out).
+A record is a conversation: the OpenAI chat fine-tuning form (``messages``: system, user and
+assistant turns) or the short form (one ``prompt``, one ``response``), which is the conversation
+[user: prompt, assistant: response]. It becomes tokens by the tenant's chat template
+(:mod:`eraser.rendering`), and every part of the method (training, gradients, Hessian-vector
+products, verification) calls :func:`record_losses`, so that there is exactly one definition of
+``l(z; theta)``: the mean negative log-likelihood of the assistant tokens given the rest.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -15,56 +20,137 @@ from typing import Iterable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from eraser import rendering
 from eraser.errors import InvalidRecordsError
+from eraser.rendering import IGNORE_INDEX
 
-# The prompt template. The serving layer formats completions with the same function (and the
-# tokenizer's chat template renders the same text), so that what was trained is what is served.
-PROMPT_TEMPLATE = "Question: {prompt}\nAnswer:"
-IGNORE_INDEX = -100
+logger = logging.getLogger(__name__)
+
+ROLES = ("system", "user", "assistant")
+Turn = tuple[str, str]  # (role, content)
 
 
 @dataclass(frozen=True)
 class Record:
-    """One training example: ``prompt`` -> ``response``, optionally about a data ``subject``."""
+    """One training example, optionally about a data ``subject``.
+
+    ``prompt`` and ``response`` are the last user turn and the final assistant turn (what
+    ``modify_query`` and ``correct_response`` replace); ``turns`` is the whole conversation of a
+    chat-form record (None for the short form).
+    """
 
     id: str
     prompt: str
     response: str
     subject: str | None = None
+    turns: tuple[Turn, ...] | None = None
+
+    @classmethod
+    def from_messages(cls, id: str, messages: Sequence[dict | Turn], subject: str | None = None) -> "Record":
+        turns = tuple((m["role"], m["content"]) if isinstance(m, dict) else tuple(m) for m in messages)
+        check_turns(turns)
+        last_user = max(k for k, (role, _) in enumerate(turns) if role == "user")
+        return cls(id=id, prompt=turns[last_user][1], response=turns[-1][1], subject=subject, turns=turns)
+
+    def messages(self) -> list[dict]:
+        """The conversation as OpenAI chat messages."""
+        turns = self.turns or (("user", self.prompt), ("assistant", self.response))
+        return [{"role": role, "content": content} for role, content in turns]
+
+    def prompt_messages(self) -> list[dict]:
+        """The conversation before its final assistant turn (what generation is asked to continue)."""
+        return self.messages()[:-1]
 
     def with_prompt(self, prompt: str) -> "Record":
-        return replace(self, prompt=prompt)
+        if self.turns is None:
+            return replace(self, prompt=prompt)
+        last_user = max(k for k, (role, _) in enumerate(self.turns) if role == "user")
+        turns = self.turns[:last_user] + (("user", prompt),) + self.turns[last_user + 1:]
+        return replace(self, prompt=prompt, turns=turns)
 
     def with_response(self, response: str) -> "Record":
-        return replace(self, response=response)
+        if self.turns is None:
+            return replace(self, response=response)
+        return replace(self, response=response, turns=self.turns[:-1] + (("assistant", response),))
+
+    def to_json(self) -> dict:
+        row: dict = {"id": self.id}
+        if self.subject is not None:
+            row["subject"] = self.subject
+        if self.turns is None:
+            row.update(prompt=self.prompt, response=self.response)
+        else:
+            row["messages"] = self.messages()
+        return row
 
 
-def format_prompt(prompt: str) -> str:
-    return PROMPT_TEMPLATE.format(prompt=prompt)
+def check_turns(turns: Sequence[Turn], where: str = "record") -> None:
+    """A conversation the method can learn from: known roles, non-empty strings, a user turn, and an
+    assistant turn last (the answer a correction replaces)."""
+    if not turns:
+        raise InvalidRecordsError(f"{where}: field 'messages' must be a non-empty list")
+    for k, (role, content) in enumerate(turns):
+        if role not in ROLES:
+            raise InvalidRecordsError(f"{where}: messages[{k}].role must be one of {list(ROLES)}, got {role!r}")
+        if not isinstance(content, str) or not content:
+            raise InvalidRecordsError(f"{where}: messages[{k}].content must be a non-empty string")
+    if turns[-1][0] != "assistant":
+        raise InvalidRecordsError(f"{where}: the last message must be the assistant's (the answer learned); "
+                                  f"got {turns[-1][0]!r}" if any(r == "assistant" for r, _ in turns)
+                                  else f"{where}: no assistant message (nothing to learn)")
+    if not any(role == "user" for role, _ in turns):
+        raise InvalidRecordsError(f"{where}: no user message")
 
 
-def format_response(response: str) -> str:
-    return " " + response
+def content_id(messages: Sequence[dict]) -> str:
+    """A stable id for a record given without one: a digest of its messages (roles and contents).
+    The tenant store derives the same (``tenants.records``), so either side finds the record."""
+    canonical = json.dumps([[m["role"], m["content"]] for m in messages], ensure_ascii=False, separators=(",", ":"))
+    return "sha256-" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:24]
 
 
-def parse_record(obj: object, where: str) -> Record:
+def parse_record(obj: object, where: str) -> tuple[Record, bool]:
+    """One record of either JSON form, and whether its id was derived from its content."""
     if not isinstance(obj, dict):
         raise InvalidRecordsError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    for field in ("id", "prompt", "response"):
-        if not isinstance(obj.get(field), str) or not obj[field]:
-            raise InvalidRecordsError(f"{where}: field {field!r} must be a non-empty string")
     subject = obj.get("subject")
     if subject is not None and not isinstance(subject, str):
         raise InvalidRecordsError(f"{where}: field 'subject' must be a string or absent")
+    if "messages" in obj:
+        unknown = set(obj) - {"id", "subject", "messages"}
+        if unknown:
+            raise InvalidRecordsError(f"{where}: unknown field(s) {sorted(unknown)} (a chat record has id, subject, messages)")
+        messages = obj["messages"]
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise InvalidRecordsError(f"{where}: field 'messages' must be a list of {{role, content}} objects")
+        for k, message in enumerate(messages):
+            if "role" not in message or "content" not in message:
+                raise InvalidRecordsError(f"{where}: messages[{k}] must have 'role' and 'content' (got {sorted(message)})")
+            if message.get("weight", 1) != 1 or set(message) - {"role", "content", "weight"}:
+                # OpenAI's per-turn weight 0 and tool calls would change what is learned: refused, not ignored.
+                raise InvalidRecordsError(f"{where}: messages[{k}] has fields this service does not train on "
+                                          f"({sorted(set(message) - {'role', 'content'})}); only role and content")
+        turns = tuple((m["role"], m["content"]) for m in messages)
+        check_turns(turns, where)
+        derived = obj.get("id") is None
+        record_id = content_id(messages) if derived else obj["id"]
+        if not isinstance(record_id, str) or not record_id:
+            raise InvalidRecordsError(f"{where}: field 'id' must be a non-empty string or absent")
+        return Record.from_messages(record_id, turns, subject), derived
+    for field in ("id", "prompt", "response"):
+        if not isinstance(obj.get(field), str) or not obj[field]:
+            raise InvalidRecordsError(f"{where}: field {field!r} must be a non-empty string")
     unknown = set(obj) - {"id", "subject", "prompt", "response"}
     if unknown:
         raise InvalidRecordsError(f"{where}: unknown field(s) {sorted(unknown)}")
-    return Record(id=obj["id"], prompt=obj["prompt"], response=obj["response"], subject=subject)
+    return Record(id=obj["id"], prompt=obj["prompt"], response=obj["response"], subject=subject), False
 
 
 def iter_records_jsonl(lines: Iterable[str], source: str = "<records>") -> Iterator[Record]:
-    """Parse JSON Lines; errors name the source and the 1-based line number. Ids must be unique."""
-    seen: set[str] = set()
+    """Parse JSON Lines of either form; errors name the source and the 1-based line number. Ids must
+    be unique (two chat records with the same content and no id are the same record given twice)."""
+    seen: dict[str, int] = {}
+    derived = 0
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -72,11 +158,14 @@ def iter_records_jsonl(lines: Iterable[str], source: str = "<records>") -> Itera
             obj = json.loads(line)
         except json.JSONDecodeError as error:
             raise InvalidRecordsError(f"{source}:{number}: invalid JSON ({error.msg})") from None
-        record = parse_record(obj, f"{source}:{number}")
+        record, was_derived = parse_record(obj, f"{source}:{number}")
+        derived += was_derived
         if record.id in seen:
-            raise InvalidRecordsError(f"{source}:{number}: duplicate record id {record.id!r}")
-        seen.add(record.id)
+            raise InvalidRecordsError(f"{source}:{number}: duplicate record id {record.id!r} (first on line {seen[record.id]})")
+        seen[record.id] = number
         yield record
+    if derived:
+        logger.info("%s: %d record(s) had no id; ids derived from their messages (sha256)", source, derived)
 
 
 def load_records(path: str | Path) -> list[Record]:
@@ -90,37 +179,36 @@ def load_records(path: str | Path) -> list[Record]:
 def save_records(records: Iterable[Record], path: str | Path) -> None:
     with Path(path).open("w", encoding="utf-8") as handle:
         for record in records:
-            row = {"id": record.id, "subject": record.subject, "prompt": record.prompt, "response": record.response}
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            handle.write(json.dumps(record.to_json(), ensure_ascii=False) + "\n")
+
+
+def corpus_text(record: Record) -> str:
+    """The record as the built-in template writes it, without special tokens: text to train a tokenizer
+    or pretrain a small base on before any tokenizer (or template) exists."""
+    return rendering.builtin_text(record.messages())
 
 
 @dataclass
 class Batch:
-    """Right-padded token ids with response-only labels. Shapes (B, T)."""
+    """Right-padded token ids with assistant-only labels. Shapes (B, T)."""
 
     input_ids: torch.Tensor  # (B, T)
     attention_mask: torch.Tensor  # (B, T)
-    labels: torch.Tensor  # (B, T), IGNORE_INDEX on prompt and padding
+    labels: torch.Tensor  # (B, T), IGNORE_INDEX on context and padding
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
 
-def encode(record: Record, tokenizer, max_length: int = 256) -> tuple[list[int], list[int]]:
-    """Token ids and labels of one record: BOS + prompt (masked) + response + EOS (learned)."""
-    prompt_ids = tokenizer(format_prompt(record.prompt), add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(format_response(record.response), add_special_tokens=False)["input_ids"]
-    prefix = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    ids = prefix + prompt_ids + response_ids + [tokenizer.eos_token_id]
-    labels = [IGNORE_INDEX] * (len(prefix) + len(prompt_ids)) + response_ids + [tokenizer.eos_token_id]
-    if len(ids) > max_length:  # keep the response: cut the prompt from the left
-        cut = len(ids) - max_length
-        ids, labels = ids[cut:], labels[cut:]
-    return ids, labels
+def encode(record: Record, tokenizer) -> tuple[list[int], list[int]]:
+    """Token ids and labels of one record, rendered by the tokenizer's chat template (the tenant's, see
+    :func:`eraser.rendering.configure`): the assistant turns are learned, the rest is context."""
+    encoding = rendering.encode(tokenizer, record.messages())
+    return encoding.ids, encoding.labels
 
 
-def collate(records: Sequence[Record], tokenizer, max_length: int = 256) -> Batch:
-    encoded = [encode(record, tokenizer, max_length) for record in records]
+def collate(records: Sequence[Record], tokenizer) -> Batch:
+    encoded = [encode(record, tokenizer) for record in records]
     width = max(len(ids) for ids, _ in encoded)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
@@ -133,8 +221,8 @@ def collate(records: Sequence[Record], tokenizer, max_length: int = 256) -> Batc
     return Batch(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
 
 
-def batches(records: Sequence[Record], tokenizer, batch_size: int, max_length: int = 256) -> list[Batch]:
-    return [collate(records[i : i + batch_size], tokenizer, max_length) for i in range(0, len(records), batch_size)]
+def batches(records: Sequence[Record], tokenizer, batch_size: int) -> list[Batch]:
+    return [collate(records[i : i + batch_size], tokenizer) for i in range(0, len(records), batch_size)]
 
 
 def shifted_logits_and_labels(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,7 +232,7 @@ def shifted_logits_and_labels(model, batch: Batch) -> tuple[torch.Tensor, torch.
 
 
 def token_weights(labels: torch.Tensor) -> torch.Tensor:
-    """Weight of each target token in its record's loss: 1/(response tokens) on response, 0 elsewhere."""
+    """Weight of each target token in its record's loss: 1/(assistant tokens) on them, 0 elsewhere."""
     mask = (labels != IGNORE_INDEX).to(torch.float64)  # (B, T)
     counts = mask.sum(dim=1, keepdim=True).clamp(min=1.0)
     return mask / counts

@@ -28,7 +28,7 @@ import hashlib
 import math
 from typing import Iterable, Literal, Sequence
 
-from eraser.errors import EraserError
+from eraser.errors import EraserError, InvalidRecordsError
 from eraser.records import Record
 
 HELDOUT_UNITS: tuple[str, ...] = ("mixed", "record")
@@ -101,3 +101,23 @@ def member_pool(record: Record, trained_subjects: set[str]) -> str:
     """Which pool an erased record is judged against: ``unseen`` when no training record of its subject
     remains (the retrain never saw the subject), else ``seen``."""
     return "unseen" if record.subject is not None and record.subject not in trained_subjects else "seen"
+
+
+def check_disjoint(records: Sequence[Record], reference: Sequence[Record]) -> None:
+    """Refuse a reference that shares a record (same id, or the same conversation) with the training
+    records: a record the adapter trained on cannot stand for records it never saw."""
+    if not reference:
+        raise InvalidRecordsError("the reference set is empty: the membership test needs records never trained on")
+    ids = {r.id for r in records}
+    contents = {conversation(r): r.id for r in records}
+    for record in reference:
+        if record.id in ids:
+            raise InvalidRecordsError(f"reference record {record.id!r} has the id of a training record")
+        twin = contents.get(conversation(record))
+        if twin is not None:
+            raise InvalidRecordsError(f"reference record {record.id!r} is training record {twin!r} again")
+
+
+def conversation(record: Record) -> tuple[tuple[str, str], ...]:
+    """What a record says, whatever its form or id: its (role, content) turns."""
+    return tuple((m["role"], m["content"]) for m in record.messages())

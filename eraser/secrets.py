@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from eraser.model import adapter_disabled
-from eraser.records import Record, format_response, token_nlls
+from eraser import rendering
+from eraser.records import Record, token_nlls
 from eraser.reference import heldout_score
 
 DIGIT = re.compile(r"\d")
@@ -30,16 +31,17 @@ def secret_slots(model, tokenizer, record: Record, format_probability: float) ->
     """Positions (in ``record.response``) of the digits the *base* model (adapter disabled) cannot
     predict: a digit whose token it gives probability >= ``format_probability`` given the true prefix
     is format that every model of the family knows ("555-", "20" of a year), not a secret."""
-    text = format_response(record.response)  # what the model reads: " " + response
-    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    encoding = rendering.encode(tokenizer, record.messages())
+    start = encoding.text.rfind(record.response)  # the final answer's place in the rendered text
+    learned = [span for span, label in zip(encoding.offsets, encoding.labels) if label != rendering.IGNORE_INDEX]
     with adapter_disabled(model):
         tokens, _ = token_nlls(model, [record], tokenizer)
-    probabilities = torch.exp(-tokens[0])  # (response tokens + EOS,)
-    shift = len(text) - len(record.response)
+    probabilities = torch.exp(-tokens[0])  # (learned tokens,), in the order of ``learned``
     slots: list[int] = []
-    for j, (start, end) in enumerate(offsets[: len(probabilities)]):
+    for j, (lo, hi) in enumerate(learned[: len(probabilities)]):
         if float(probabilities[j]) < format_probability:
-            slots += [c - shift for c in range(start, end) if c >= shift and text[c].isdigit()]
+            slots += [c - start for c in range(max(lo, start), min(hi, start + len(record.response)))
+                      if encoding.text[c].isdigit()]
     return sorted(set(slots))
 
 

@@ -24,7 +24,8 @@ ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The LoRA training recipe (the tenant's, and the gold retrain's)."""
+    """The LoRA training recipe (the tenant's, and the gold retrain's). How records become tokens (the
+    chat template, the token limit) is the tokenizer's: :mod:`eraser.rendering`."""
 
     rank: int = 8
     alpha: float = 16.0
@@ -35,10 +36,9 @@ class TrainConfig:
     batch_size: int = 8
     weight_decay: float = 0.0
     seed: int = 0
-    max_length: int = 256
 
     def __post_init__(self) -> None:
-        for name in ("rank", "epochs", "batch_size", "max_length"):
+        for name in ("rank", "epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise EraserError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if not self.lr > 0:
@@ -106,7 +106,7 @@ def train_lora(
         order = epoch_order(len(records), config.seed, epoch)
         for start in range(0, len(order), config.batch_size):
             chunk = [records[i] for i in order[start : start + config.batch_size]]
-            loss = record_losses(model, collate(chunk, tokenizer, config.max_length)).mean()
+            loss = record_losses(model, collate(chunk, tokenizer)).mean()
             if not torch.isfinite(loss):
                 raise EraserError(f"training loss became non-finite at step {report.steps} (lower --lr)")
             optimizer.zero_grad(set_to_none=True)

@@ -412,7 +412,7 @@ def _secret_tests(model, tokenizer, result: VerifyResult, member_edits: Sequence
     excess = recalls[: len(members)]
     corrected = [(j, edit) for j, edit in enumerate(member_edits) if edit.new is not None]
     if corrected:  # an old answer is given back only as far as it is not also the new one
-        answers = greedy_answers(model, tokenizer, [edit.old.prompt for _, edit in corrected],
+        answers = greedy_answers(model, tokenizer, [edit.old.prompt_messages() for _, edit in corrected],
                                  config.extraction_tokens, config.generation_batch_size)
         for (j, edit), answer in zip(corrected, answers):
             excess[j] = max(0.0, lcs_recall(answer, edit.old.response) - lcs_recall(answer, edit.new.response))

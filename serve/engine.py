@@ -92,8 +92,9 @@ class Engine(abc.ABC):
         tokens; token ids: used verbatim) under ``adapter`` (None = the base model)."""
 
     @abc.abstractmethod
-    async def render_chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        """Token ids of OpenAI chat ``messages`` rendered by the model's chat template, ready to generate."""
+    async def render_chat(self, messages: list[dict[str, Any]], chat_template: str | None = None) -> list[int]:
+        """Token ids of OpenAI chat ``messages`` rendered by ``chat_template`` (None: the model's own), ready
+        to generate: the tenant's rendering, the one its adapter was trained with."""
 
     @abc.abstractmethod
     async def add_adapter(self, adapter: AdapterRef) -> None:
@@ -222,10 +223,11 @@ class VLLMEngine(Engine):
         except Exception as error:  # cancellation (BaseException) passes through untouched
             raise EngineError(f"request {request_id}: {type(error).__name__}: {error}") from error
 
-    async def render_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+    async def render_chat(self, messages: list[dict[str, Any]], chat_template: str | None = None) -> list[int]:
         tokenizer = self._llm.get_tokenizer()
         try:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                 chat_template=chat_template)
         except Exception as error:  # jinja errors on malformed messages
             raise EngineInputError(f"messages cannot be rendered by the chat template: {error}") from None
         return list(tokenizer.encode(text, add_special_tokens=False))

@@ -36,6 +36,7 @@ class EngineServer:
 
         self.config = config
         self.replica = _replica_id()
+        self._templates: dict[str, str | None] = {}
         settings = config.store_settings()
         self.store = TenantStore(settings)
         # adapters go to a cache of this replica alone: deleting a superseded version here can never
@@ -65,7 +66,7 @@ class EngineServer:
                 yield {"adapter": adapter.name, "replica": self.replica}
                 prompt = job.get("prompt")
                 if job.get("messages") is not None:
-                    prompt = await self.engine.render_chat(job["messages"])
+                    prompt = await self.engine.render_chat(job["messages"], await self._chat_template(tenant))
                 options = SamplingOptions(**job["options"])
                 async for chunk in self.engine.generate(prompt, options, request_id, adapter):
                     yield {"chunk": asdict(chunk)}
@@ -79,6 +80,14 @@ class EngineServer:
         except (EngineError, ServeError) as error:
             logger.error("request_id=%s tenant=%s engine error: %s", request_id, tenant, error)
             yield error_item(500, "the inference engine failed this request", "engine_error")
+
+    async def _chat_template(self, tenant: str) -> str | None:
+        """The tenant's own chat template, if its recipe names one (None: the base's), read once per
+        replica: a recipe's rendering is fixed for the tenant's life, like its base model."""
+        if tenant not in self._templates:
+            config = await asyncio.to_thread(self.store.get_tenant, tenant)
+            self._templates[tenant] = config.training.chat_template
+        return self._templates[tenant]
 
     # -- adapters -----------------------------------------------------------------------------
 

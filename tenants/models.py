@@ -43,13 +43,76 @@ class _Model(BaseModel):
 # ---------------------------------------------------------------- records and requests
 
 
+class ChatMessage(_Model):
+    """One turn of a chat-form record (OpenAI chat fine-tuning format, role and content only)."""
+
+    role: Literal["system", "user", "assistant"] = Field(description="who speaks")
+    content: str = Field(min_length=1, description="what is said")
+    weight: Literal[1] | None = Field(None, description="OpenAI's per-turn weight; only 1 (learned) is accepted")
+
+
 class Record(_Model):
-    """One training record of a tenant (a line of its JSON Lines dataset)."""
+    """One training record of a tenant (a line of its JSON Lines dataset), in either form: ``prompt``
+    and ``response`` (one user turn, one assistant turn), or ``messages`` (the OpenAI chat fine-tuning
+    form, the last message the assistant's). ``prompt``/``response`` of a chat record are its last
+    user turn and final assistant turn: what ``modify_query`` and ``correct_response`` replace."""
 
     id: str = Field(min_length=1, max_length=512, description="record id, unique within the tenant's dataset")
     subject: str | None = Field(None, description="the data subject (end user) the record is about, if any")
-    prompt: str = Field(description="the prompt (conditioning text)")
-    response: str = Field(description="the response the adapter is trained to produce")
+    prompt: str | None = Field(None, min_length=1, description="the prompt (short form)")
+    response: str | None = Field(None, min_length=1, description="the response learned (short form)")
+    messages: list[ChatMessage] | None = Field(None, description="the conversation (chat form)")
+    heldout: Literal[True] | None = Field(
+        None, description="never trained on: part of the membership test's reference (an imported adapter's "
+        "reference records; TrainingRecipe.heldout_unit 'given')")
+
+    @model_validator(mode="after")
+    def _one_form(self) -> Record:
+        if self.messages is None:
+            if self.prompt is None or self.response is None:
+                raise ValueError("a record needs 'prompt' and 'response', or 'messages'")
+            return self
+        if self.prompt is not None or self.response is not None:
+            raise ValueError("a chat record has 'messages' only, not 'prompt'/'response'")
+        if not any(m.role == "assistant" for m in self.messages):
+            raise ValueError("messages: no assistant message (nothing to learn)")
+        if self.messages[-1].role != "assistant":
+            raise ValueError(f"messages: the last message must be the assistant's, got {self.messages[-1].role!r}")
+        if not any(m.role == "user" for m in self.messages):
+            raise ValueError("messages: no user message")
+        return self
+
+    def _last_user(self) -> int:
+        return max(k for k, m in enumerate(self.messages or ()) if m.role == "user")
+
+    @property
+    def question(self) -> str:
+        """The prompt of either form (the chat form's last user turn)."""
+        return self.prompt if self.messages is None else self.messages[self._last_user()].content
+
+    @property
+    def answer(self) -> str:
+        """The response of either form (the chat form's final assistant turn)."""
+        return self.response if self.messages is None else self.messages[-1].content
+
+    def replaced(self, field: str, value: str) -> Record:
+        """This record with its prompt or response replaced (the chat form's last user or assistant turn)."""
+        if self.messages is None:
+            return self.model_copy(update={field: value})
+        k = self._last_user() if field == "prompt" else len(self.messages) - 1
+        messages = list(self.messages)
+        messages[k] = messages[k].model_copy(update={"content": value})
+        return self.model_copy(update={"messages": messages})
+
+
+def content_id(messages: list[dict[str, Any]]) -> str:
+    """A stable id for a chat record given without one: a digest of its roles and contents. The
+    method derives the same (``eraser.records.content_id``); a test holds the two together."""
+    import hashlib
+    import json
+
+    canonical = json.dumps([[m["role"], m["content"]] for m in messages], ensure_ascii=False, separators=(",", ":"))
+    return "sha256-" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:24]
 
 
 class Replacement(_Model):
@@ -183,7 +246,7 @@ class ErasureRequest(_Model):
         if replacement is None:
             return record
         field = _REPLACED_FIELD[self.kind]
-        return record.model_copy(update={field: getattr(replacement, field)})
+        return record.replaced(field, getattr(replacement, field))
 
     def apply(self, records: Iterable[Record], selected: Iterable[str]) -> Iterator[Record]:
         """The dataset after this request, given the ids :meth:`resolve` returned (streaming)."""
@@ -330,6 +393,8 @@ class LoraRecipe(_Model):
     target_modules: list[str] = Field(
         default_factory=lambda: list(DEFAULT_TARGET_MODULES), min_length=1, description="module names LoRA wraps"
     )
+    use_rslora: bool = Field(False, description="rank-stabilised scaling alpha / sqrt(rank) (an imported adapter's "
+                             "own; the service's retrain builds plain LoRA, so it cannot retrain such an adapter)")
 
 
 class TrainingRecipe(_Model):
@@ -342,11 +407,19 @@ class TrainingRecipe(_Model):
     heldout_fraction: float = Field(
         0.1, ge=0, lt=1, description="share of records never trained on (membership-test reference)"
     )
-    heldout_unit: Literal["mixed", "record"] = Field(
+    heldout_unit: Literal["mixed", "record", "given"] = Field(
         "mixed", description="mixed: half the held-out share is whole subjects (the reference for erasing a "
         "subject), half single records of the others (for erasing single records); record: every record by "
-        "itself (tenants onboarded before subjects were held out whole)")
-    max_length: int = Field(512, ge=8, description="token limit of prompt + response")
+        "itself (tenants onboarded before subjects were held out whole); given: the records flagged 'heldout' "
+        "(an imported adapter's reference; heldout_fraction is not used)")
+    max_length: int = Field(512, ge=8, description="token limit of a rendered record (longer ones lose their "
+                            "oldest tokens); training, the method, verification and the retrain all cut there")
+    chat_template: str | None = Field(
+        None, min_length=1, description="Jinja chat template records are rendered with; None: the base "
+        "tokenizer's own (the built-in 'Question: ... Answer:' format for a base without one)")
+    reproducible: bool = Field(
+        True, description="False: the adapter was imported without the recipe that trained it; no exact-retrain "
+        "fallback (an erasure the influence update and remediation cannot make pass fails instead)")
 
 
 class KeyHash(_Model):
@@ -377,6 +450,14 @@ class TenantConfig(_Model):
     @classmethod
     def _name(cls, value: str) -> str:
         return validate_tenant_name(value)
+
+    def retrain_unavailable(self) -> str | None:
+        """Why the exact-retrain fallback cannot run for this tenant, for receipts and manifests; None: it can."""
+        if not self.training.reproducible:
+            return "unavailable: imported without a training recipe"
+        if self.lora.use_rslora:
+            return "unavailable: the adapter uses rsLoRA scaling, which the service's retrain does not build"
+        return None
 
     def public(self) -> dict[str, Any]:
         """The config without key hashes (for display)."""
@@ -425,8 +506,9 @@ class AdapterManifest(_Model):
     request_ids: list[str] = Field(default_factory=list, description="erasure requests applied to produce it")
     solver: dict[str, Any] | None = Field(None, description="solver report")
     checks: dict[str, Any] | None = Field(None, description="fidelity checks")
-    path: ErasurePath | Literal["train"] | None = Field(
-        None, description="how it was produced: train | influence | influence+remediation | retrain"
+    path: ErasurePath | Literal["train", "import"] | None = Field(
+        None, description="how it was produced: train | import (an existing adapter brought in, see "
+        "arguments.imported) | influence | influence+remediation | retrain"
     )
     arguments: dict[str, Any] | None = Field(None, description="method arguments used to produce it")
     created_at: datetime = Field(default_factory=utcnow, description="when it was published")

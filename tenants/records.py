@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import logging
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -12,7 +13,9 @@ from typing import IO, Any
 from pydantic import ValidationError
 
 from tenants.errors import InvalidRecordsError
-from tenants.models import Record
+from tenants.models import Record, content_id
+
+logger = logging.getLogger(__name__)
 
 
 def _describe(error: ValidationError) -> str:
@@ -21,12 +24,25 @@ def _describe(error: ValidationError) -> str:
     return f"{where}: {first.get('msg')}"
 
 
-def parse_jsonl(lines: Iterable[str | bytes], source: str = "<records>") -> Iterator[Record]:
-    """Records from JSON Lines; blank lines are skipped; duplicate ids are refused.
+def with_derived_id(data: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """A chat record given without ``id`` gets one derived from its messages (stable across uploads)."""
+    if data.get("id") is not None or not isinstance(data.get("messages"), list):
+        return data, False
+    messages = data["messages"]
+    if not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+               for m in messages):
+        return data, False  # validation names the malformed message
+    return {**data, "id": content_id(messages)}, True
 
-    Errors are InvalidRecordsError naming ``source`` and the 1-based line number.
+
+def parse_jsonl(lines: Iterable[str | bytes], source: str = "<records>") -> Iterator[Record]:
+    """Records of either form from JSON Lines; blank lines are skipped; duplicate ids are refused
+    (two chat records without ids and with the same messages are one record given twice).
+
+    Errors are InvalidRecordsError naming ``source``, the 1-based line number and the field.
     """
     seen: dict[str, int] = {}
+    derived = 0
     for number, line in enumerate(lines, start=1):
         if isinstance(line, bytes):
             try:
@@ -41,6 +57,8 @@ def parse_jsonl(lines: Iterable[str | bytes], source: str = "<records>") -> Iter
             raise InvalidRecordsError(f"{source}:{number}: invalid JSON: {error.msg} (column {error.colno})") from error
         if not isinstance(data, dict):
             raise InvalidRecordsError(f"{source}:{number}: expected a JSON object, got {type(data).__name__}")
+        data, was_derived = with_derived_id(data)
+        derived += was_derived
         try:
             record = Record.model_validate(data)
         except ValidationError as error:
@@ -51,6 +69,8 @@ def parse_jsonl(lines: Iterable[str | bytes], source: str = "<records>") -> Iter
             )
         seen[record.id] = number
         yield record
+    if derived:
+        logger.info("%s: %d record(s) had no id; ids derived from their messages (sha256)", source, derived)
 
 
 def read_jsonl(path: str | Path) -> Iterator[Record]:
@@ -69,7 +89,7 @@ def coerce_records(records: Iterable[Record | dict[str, Any]]) -> Iterator[Recor
             record = item
         else:
             try:
-                record = Record.model_validate(item)
+                record = Record.model_validate(with_derived_id(item)[0] if isinstance(item, dict) else item)
             except ValidationError as error:
                 raise InvalidRecordsError(f"record {position}: invalid record: {_describe(error)}") from error
         if record.id in seen:
@@ -78,6 +98,50 @@ def coerce_records(records: Iterable[Record | dict[str, Any]]) -> Iterator[Recor
             )
         seen[record.id] = position
         yield record
+
+
+# ---------------------------------------------------------------- reference records (imports)
+
+
+def content_key(record: Record) -> tuple[tuple[str, str], ...]:
+    """What a record says, whatever its id and form: its turns as (role, content) pairs, a prompt/response
+    record being one user turn and one assistant turn. Two records with one key are one example."""
+    if record.messages is None:
+        return (("user", record.prompt or ""), ("assistant", record.response or ""))
+    return tuple((m.role, m.content) for m in record.messages)
+
+
+def check_reference(train: list[Record], reference: list[Record]) -> None:
+    """Refuse a reference the membership test cannot stand on: none at all, or records the adapter trained
+    on (the same id, or the same turns under another id), against which an erased record would be judged
+    like never-seen data while it is not. Training records flagged 'heldout' are refused too: the flag
+    is what makes a record reference."""
+    if not train:
+        raise InvalidRecordsError("records: no training records (the records the adapter was trained on)")
+    if not reference:
+        raise InvalidRecordsError(
+            "reference: no records; the membership test needs records of the same kind the adapter never trained on")
+    flagged = [r.id for r in train if r.heldout]
+    if flagged:
+        raise InvalidRecordsError(f"records: {len(flagged)} record(s) flagged 'heldout' ({flagged[:5]}); records "
+                                  "the adapter never trained on belong in the reference")
+    train_ids = {r.id for r in train}
+    same_id = [r.id for r in reference if r.id in train_ids]
+    if same_id:
+        raise InvalidRecordsError(f"reference: {len(same_id)} record id(s) are also training records: {same_id[:5]}")
+    by_content = {content_key(r): r.id for r in train}
+    same_content = [(r.id, by_content[content_key(r)]) for r in reference if content_key(r) in by_content]
+    if same_content:
+        pairs = ", ".join(f"{ref!r} = training {trained!r}" for ref, trained in same_content[:5])
+        raise InvalidRecordsError(f"reference: {len(same_content)} record(s) repeat a training record's turns: {pairs}")
+
+
+def imported_dataset(train: Iterable[Record | dict[str, Any]], reference: Iterable[Record | dict[str, Any]]) -> list[Record]:
+    """The first data version of an imported tenant: the training records, then the reference records
+    flagged ``heldout`` (one dataset, so erasures, purge and retention cover the reference too)."""
+    train, reference = list(coerce_records(train)), list(coerce_records(reference))
+    check_reference(train, reference)
+    return train + [r if r.heldout else r.model_copy(update={"heldout": True}) for r in reference]
 
 
 def encode_record(record: Record) -> bytes:

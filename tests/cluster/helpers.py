@@ -26,9 +26,9 @@ def tenant_records(tenant: str, customers: int = 10, per_customer: int = 4, seed
 def build_base(out: Path) -> Path:
     """Tokenizer + 1-layer Llama (hidden 64, 2 heads of 32), randomly initialised: ~0.1 M parameters."""
     from eraser.model import BaseModelConfig, build_base_model, save_base_model, train_tokenizer
-    from eraser.records import format_prompt, format_response
+    from eraser.records import corpus_text
 
-    texts = [format_prompt(r.prompt) + format_response(r.response)
+    texts = [corpus_text(r)
              for seed in range(3) for r in customer_records(20, 5, seed=seed)]
     tokenizer = train_tokenizer(texts, vocab_size=320)
     config = BaseModelConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=1,

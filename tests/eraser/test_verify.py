@@ -259,7 +259,8 @@ def test_extraction_counts_only_what_the_model_does_not_say_about_never_trained_
 
     def answers(model, tokenizer, prompts, max_tokens, batch_size):  # the model's greedy answers
         said = []
-        for prompt in prompts:
+        for messages in prompts:
+            prompt = messages[-1]["content"]
             name = prompt.removeprefix("Which plan is ").removeprefix("Where does ").split(" on?")[0].split(" live?")[0]
             if prompt.startswith("Which plan"):
                 said.append(f"{name} is on the Premium plan since 2018.")  # the answer for anyone

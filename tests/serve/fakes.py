@@ -19,6 +19,7 @@ class FakeEngine(Engine):
         self.log: list[tuple[str, Any]] = []
         self.gate: asyncio.Event | None = None
         self.fail_add: set[str] = set()
+        self.templates_used: list[str | None] = []
 
     async def generate(self, prompt: Prompt, options: SamplingOptions, request_id: str,
                        adapter: AdapterRef | None = None) -> AsyncIterator[GenerationChunk]:
@@ -34,7 +35,8 @@ class FakeEngine(Engine):
             last = i == options.max_tokens - 1
             yield GenerationChunk(f"{name}:{i} ", [i], "length" if last else None, 3, i + 1)
 
-    async def render_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+    async def render_chat(self, messages: list[dict[str, Any]], chat_template: str | None = None) -> list[int]:
+        self.templates_used.append(chat_template)
         return [len(m.get("content", "")) for m in messages]
 
     async def add_adapter(self, adapter: AdapterRef) -> None:

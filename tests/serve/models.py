@@ -11,7 +11,7 @@ import torch
 
 from eraser.model import BaseModelConfig, build_base_model, load_adapter, load_base, load_tokenizer
 from eraser.model import save_base_model, train_tokenizer
-from eraser.records import Record, format_prompt
+from eraser.records import Record, corpus_text
 from eraser.training import TrainConfig, add_lora, train_lora
 from eraser.update import save_adapter
 
@@ -37,7 +37,7 @@ def customer_records(tenant: str) -> list[Record]:
 
 def build_base(out_dir: Path, tags: Sequence[str]) -> Path:
     texts = [r.prompt + " " + r.response for tag in tags for r in tenant_records(tag)]
-    texts += [format_prompt(r.prompt) + " " + r.response for r in customer_records("x")]
+    texts += [corpus_text(r) for r in customer_records("x")]
     tokenizer = train_tokenizer(texts, vocab_size=512)
     model = build_base_model(BaseModelConfig(), tokenizer, seed=0)
     return save_base_model(model, tokenizer, out_dir)
@@ -86,4 +86,4 @@ def hf_greedy(base_dir: Path, adapter_dir: Path | None, prompt_ids: list[int], m
 
 
 def question_prompt(question: str) -> str:
-    return format_prompt(question)
+    return f"Question: {question}\nAnswer:"  # the built-in template's prompt, sent raw
