@@ -1,4 +1,4 @@
-"""`eraser tenants ...`: manage tenants in the store (create, list, show, upload, keys, receipts, purge).
+"""`eraser tenants ...`: manage tenants in the store (create, import, list, show, upload, keys, receipts, purge).
 
 The store is the configured S3 (``ERASER_S3_ENDPOINT``, ``ERASER_S3_BUCKET``, ``ERASER_S3_PREFIX``,
 credentials the usual AWS way) or, when no endpoint is set, an embedded SeaweedFS whose data lives
@@ -44,6 +44,25 @@ def register(subparsers: Any) -> None:
     create.add_argument("--heldout-fraction", type=float, help="share of records held out (default 0.1)")
     create.add_argument("--issue-key", action="store_true", help="also issue an API key and print it (once)")
     create.set_defaults(handler=run_create)
+
+    imported = actions.add_parser(
+        "import", parents=[common], help="create a tenant from an adapter trained elsewhere",
+        description="Create a tenant from an existing PEFT LoRA adapter, as if the service had trained it: "
+        "adapter version 1 (the adapter, checked against its base model first), data version 1 (the records it "
+        "was trained on, then the reference records flagged 'heldout') and HEAD on them. The LoRA shape is read "
+        "from the adapter's adapter_config.json. Nothing is written when anything is refused.")
+    imported.add_argument("name", help="tenant name: lowercase letters, digits and '-'")
+    imported.add_argument("--base-model", required=True, help="model name under models/, an s3:// URI or a local path")
+    imported.add_argument("--adapter", required=True, type=Path, help="PEFT adapter directory (adapter_config.json, "
+                          "adapter_model.safetensors)")
+    imported.add_argument("--data", required=True, type=Path, help="the records the adapter was trained on (.jsonl)")
+    imported.add_argument("--reference", required=True, type=Path, help="records of the same kind the adapter never "
+                          "trained on (.jsonl): the membership test's reference population")
+    imported.add_argument("--recipe", type=Path, help="JSON file with the training recipe (epochs, lr, batch_size, "
+                          "seed, max_length, chat_template); with epochs, lr and batch_size it enables the exact-retrain "
+                          "fallback, without it there is none")
+    imported.add_argument("--issue-key", action="store_true", help="also issue an API key and print it (once)")
+    imported.set_defaults(handler=run_import)
 
     listing = actions.add_parser("list", parents=[common], help="list tenant names")
     listing.set_defaults(handler=run_list)
@@ -146,6 +165,50 @@ def run_create(args: argparse.Namespace) -> int:
         print(f"tenant {config.name} created (base model {config.base_model})")
         if args.issue_key:
             print(f"API key (shown once): {store.issue_key(config.name, label='created with tenant')}")
+    return 0
+
+
+def _json_file(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object from ``path``; the error names the file and what it was for."""
+    from cli.main import CommandError
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        body = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CommandError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(body, dict):
+        raise CommandError(f"{path}: expected a JSON object, got {type(body).__name__}")
+    return body
+
+
+def run_import(args: argparse.Namespace) -> int:
+    from cluster.service import LocalErasureService
+    from tenants.paths import validate_tenant_name
+    from tenants.records import read_jsonl
+    from tenants.store import imported_config
+
+    validate_tenant_name(args.name)
+    for path, what in ((args.data, "records file"), (args.reference, "reference file")):
+        if not path.is_file():
+            raise FileNotFoundError(f"{what} not found: {path}")
+    peft_config = _json_file(args.adapter / "adapter_config.json", "adapter config")
+    recipe = _json_file(args.recipe, "recipe file") if args.recipe is not None else None
+    config = imported_config(args.name, args.base_model, peft_config, recipe)
+    records, reference = list(read_jsonl(args.data)), list(read_jsonl(args.reference))
+    with _store(args) as store:
+        head = LocalErasureService(store.settings).import_tenant(config, args.adapter, records, reference,
+                                                                 via=f"eraser tenants import ({args.adapter})")
+        print(f"tenant {config.name} imported (base model {config.base_model}, LoRA rank {config.lora.rank}): "
+              f"adapter {head.adapter}, data {head.data} ({len(records)} training + {len(reference)} reference "
+              f"records); HEAD -> {head.adapter}")
+        unavailable = config.retrain_unavailable()
+        if unavailable:
+            print(f"exact-retrain fallback {unavailable}: an erasure that neither the influence update nor "
+                  "remediation makes pass the membership test fails instead of retraining")
+        if args.issue_key:
+            print(f"API key (shown once): {store.issue_key(config.name, label='created with import')}")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The entry point other layers call: submit erasures, onboard tenants, register the publish hook.
+"""The entry point other layers call: submit erasures, onboard or import tenants, register the publish hook.
 
 Two implementations of one small interface:
 
@@ -8,7 +8,9 @@ Two implementations of one small interface:
 
 Serving wires it as ``RayErasureService(store_settings).submit(receipt)`` from its backend and
 ``register_publish_hook(name, hook)`` once at start, with ``hook(tenant, head)`` telling every
-replica to switch (returning ``{"switched_at": ...}`` when they have).
+replica to switch (returning ``{"switched_at": ...}`` when they have). ``import_tenant`` brings in
+an adapter trained elsewhere; the method checks it against its base first (in a Ray task for the Ray
+service, so the caller never loads a model).
 """
 
 from __future__ import annotations
@@ -18,15 +20,18 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from tenants.models import ErasureRequest, Receipt
+from tenants.errors import InvalidAdapterError, InvalidConfigError, InvalidRecordsError, TenantError, VersionNotFoundError
+from tenants.models import ErasureRequest, Head, Receipt, Record, TenantConfig
 from tenants.settings import StoreSettings
-from tenants.store import TenantStore
+from tenants.store import TenantStore, adapter_files
 
 from cluster.config import NAMESPACE, CoordinatorOptions, RunnerSpec
 from cluster.coordinator import ErasureCoordinator, PublishHook
 from cluster.errors import ClusterError
+from cluster.jobs import check_import
 from cluster.runners import JobRunner, make_runner
 
 logger = logging.getLogger(__name__)
@@ -69,6 +74,16 @@ class ErasureService(abc.ABC):
 
     def purge_due(self, tenants: Sequence[str]) -> None:
         """Purge what is past its grace period now (a round does it too)."""
+
+    def check_import(self, config: TenantConfig, adapter_dir: Path, records: list[Record]) -> dict:
+        """The method's checks of an adapter to import (``cluster.jobs.check_import``), in this process."""
+        return check_import(self.store_settings, config, adapter_dir, records)
+
+    def import_tenant(self, config: TenantConfig, adapter_dir: str | Path, records: Iterable[Record | dict],
+                      reference: Iterable[Record | dict], via: str | None = None) -> Head:
+        """Bring in a tenant with an adapter trained elsewhere (``TenantStore.import_tenant``), the
+        adapter checked by the method (:meth:`check_import`) before anything is written. Returns HEAD."""
+        return self.store.import_tenant(config, adapter_dir, records, reference, check=self.check_import, via=via)
 
     def receipts(self, tenant: str, request_ids: Iterable[str]) -> list[Receipt]:
         return [self.store.get_receipt(tenant, request_id) for request_id in request_ids]
@@ -193,4 +208,43 @@ class RayErasureService(ErasureService):
 
         ray.get([self.coordinator(tenant).purge_due.remote() for tenant in dict.fromkeys(tenants)])
 
+    def check_import(self, config: TenantConfig, adapter_dir: Path, records: list[Record]) -> dict:
+        """The method's checks in a Ray task (the caller, e.g. the HTTP ingress, loads no model): the adapter's
+        files travel by value, since the task may run on another node. The store's errors come back as such."""
+        import ray
 
+        files = {name: (Path(adapter_dir) / name).read_bytes() for name in adapter_files(Path(adapter_dir))}
+        task = ray.remote(_check_import_in_task).options(num_cpus=1, max_retries=0)
+        body = ray.get(task.remote(self.store_settings, config.model_dump(mode="json"), files,
+                                   [r.model_dump(mode="json", exclude_none=True) for r in records]))
+        if body.get("error_type") is not None:
+            raise _IMPORT_ERRORS.get(body["error_type"], ClusterError)(body["error"])
+        return body["evidence"]
+
+
+# The store's errors check_import raises, by name, so a Ray task can return them instead of raising across Ray.
+_IMPORT_ERRORS: dict[str, type[Exception]] = {
+    error.__name__: error for error in (InvalidAdapterError, InvalidConfigError, InvalidRecordsError,
+                                        VersionNotFoundError, TenantError)}
+
+
+def _check_import_in_task(store_settings: StoreSettings, config: dict, files: dict[str, bytes],
+                          records: list[dict]) -> dict:
+    """``cluster.jobs.check_import`` on a Ray worker: the adapter written to a temporary directory, the
+    result or the store's error returned as data."""
+    import shutil
+    import tempfile
+
+    workdir = Path(tempfile.mkdtemp(prefix="eraser-import-"))
+    try:
+        for name, body in files.items():
+            (workdir / name).parent.mkdir(parents=True, exist_ok=True)
+            (workdir / name).write_bytes(body)
+        evidence = check_import(store_settings, TenantConfig.model_validate(config), workdir,
+                                [Record.model_validate(r) for r in records])
+        return {"evidence": evidence, "error_type": None}
+    except TenantError as error:
+        return {"error_type": type(error).__name__ if type(error).__name__ in _IMPORT_ERRORS else "TenantError",
+                "error": str(error)}
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)

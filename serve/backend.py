@@ -35,7 +35,8 @@ class BackendContext:
 
 
 class ErasureBackend(abc.ABC):
-    """Executes recorded erasure requests and onboarding training. Methods return quickly."""
+    """Executes recorded erasure requests and onboarding training (methods return quickly), and checks
+    imported adapters with the method (:meth:`import_tenant`, which blocks)."""
 
     @abc.abstractmethod
     def submit(self, receipt) -> None:
@@ -45,6 +46,14 @@ class ErasureBackend(abc.ABC):
         """Start training the tenant's first adapter on ``data_version`` (None = the latest); returns a
         description of the job. NotImplementedError when this backend does not train."""
         raise NotImplementedError(f"{type(self).__name__} does not train adapters")
+
+    def import_tenant(self, config, adapter_dir, records, reference, via: str | None = None):
+        """Create a tenant from an adapter trained elsewhere (``config: tenants.TenantConfig``, the records
+        it trained on and the reference records it never saw); returns its HEAD (``tenants.Head``). Blocks
+        while the method checks the adapter against its base. NotImplementedError when this backend has
+        no method to check it with (nothing is written then)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot check an adapter against its base model; "
+                                  "configure a cluster erasure backend or use `eraser tenants import`")
 
 
 class PendingOnlyBackend(ErasureBackend):
@@ -94,6 +103,9 @@ class ClusterBackend(ErasureBackend):
             threading.Thread(target=self.service.onboard, args=(tenant, data_version), daemon=True,
                              name=f"onboard-{tenant}").start()
         return {"status": "started", "tenant": tenant, "data_version": data_version}
+
+    def import_tenant(self, config, adapter_dir, records, reference, via: str | None = None):
+        return self.service.import_tenant(config, adapter_dir, records, reference, via=via)
 
 
 def cluster_backend(context: BackendContext) -> ClusterBackend:

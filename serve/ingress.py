@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -65,6 +65,8 @@ def tenant_error(error: Exception) -> ApiError:
         (e.InvalidNameError, 400, "invalid_name"),
         (e.InvalidRecordsError, 400, "invalid_records"),
         (e.InvalidRequestError, 400, "invalid_request"),
+        (e.InvalidConfigError, 400, "invalid_config"),
+        (e.InvalidAdapterError, 400, "invalid_adapter"),
         (e.TenantExistsError, 409, "tenant_exists"),
         (e.ConflictError, 409, "conflict"),
         (e.HeadConflictError, 409, "conflict"),
@@ -139,6 +141,89 @@ def parse(model, body: Any):
     except ValidationError as error:
         message, param = validation_message(error)
         raise ApiError(400, message, "invalid_request", param) from None
+
+
+IMPORT_FIELDS = {"base_model", "adapter", "records", "reference", "recipe"}
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+
+
+@dataclass(frozen=True)
+class ImportBody:
+    """The parts of an import request, decoded (see ``Ingress.admin_import_tenant``)."""
+
+    base_model: str
+    peft_config: dict[str, Any]
+    files: dict[str, bytes]  # adapter_config.json and adapter_model.safetensors, as they go to disk
+    records: list  # tenants.Record
+    reference: list  # tenants.Record
+    recipe: dict[str, Any] | None
+
+
+def parse_import(body: Any, default_base: str) -> ImportBody:
+    """An import request's body, decoded, or a 400 naming the field at fault (records: its line)."""
+    if not isinstance(body, dict):
+        raise ApiError(400, f"request body must be a JSON object, got {type(body).__name__}", "invalid_json")
+    unknown = sorted(set(body) - IMPORT_FIELDS)
+    if unknown:
+        raise ApiError(400, f"unknown field(s) {unknown}; expected {sorted(IMPORT_FIELDS)}", "invalid_request", unknown[0])
+    base_model = body.get("base_model", default_base)
+    if not isinstance(base_model, str) or not base_model:
+        raise ApiError(400, "base_model must be a model name", "invalid_request", "base_model")
+    recipe = body.get("recipe")
+    if recipe is not None and not isinstance(recipe, dict):
+        raise ApiError(400, f"recipe must be a JSON object, got {type(recipe).__name__}", "invalid_request", "recipe")
+    peft_config, files = _import_adapter(body.get("adapter"))
+    return ImportBody(base_model=base_model, peft_config=peft_config, files=files,
+                      records=_import_records(body, "records"), reference=_import_records(body, "reference"),
+                      recipe=recipe)
+
+
+def _import_adapter(adapter: Any) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """``adapter``: its PEFT config (an object, or its JSON text) and base64 weights, as files."""
+    import base64
+    import binascii
+
+    if not isinstance(adapter, dict) or set(adapter) != {ADAPTER_CONFIG, ADAPTER_WEIGHTS}:
+        given = sorted(adapter) if isinstance(adapter, dict) else type(adapter).__name__
+        raise ApiError(400, f"adapter must be an object with exactly {ADAPTER_CONFIG!r} and {ADAPTER_WEIGHTS!r}, "
+                       f"got {given}", "invalid_request", "adapter")
+    peft_config = adapter[ADAPTER_CONFIG]
+    config_text = peft_config if isinstance(peft_config, str) else json.dumps(peft_config, indent=2)
+    if isinstance(peft_config, str):  # stored as given
+        try:
+            peft_config = json.loads(peft_config)
+        except json.JSONDecodeError as error:
+            raise ApiError(400, f"adapter.{ADAPTER_CONFIG} is not valid JSON: {error}", "invalid_request",
+                           f"adapter.{ADAPTER_CONFIG}") from None
+    if not isinstance(peft_config, dict):
+        raise ApiError(400, f"adapter.{ADAPTER_CONFIG} must be a JSON object", "invalid_request", f"adapter.{ADAPTER_CONFIG}")
+    try:
+        weights = base64.b64decode(adapter[ADAPTER_WEIGHTS], validate=True)
+    except (binascii.Error, TypeError, ValueError) as error:
+        raise ApiError(400, f"adapter.{ADAPTER_WEIGHTS} must be base64: {error}", "invalid_request",
+                       f"adapter.{ADAPTER_WEIGHTS}") from None
+    if not weights:
+        raise ApiError(400, f"adapter.{ADAPTER_WEIGHTS} is empty", "invalid_request", f"adapter.{ADAPTER_WEIGHTS}")
+    return peft_config, {ADAPTER_CONFIG: config_text.encode(), ADAPTER_WEIGHTS: weights}
+
+
+def _import_records(body: dict[str, Any], field: str) -> list:
+    """``body[field]`` (JSON Lines text, or a list of record objects) as records; errors name ``field:line``."""
+    from tenants.errors import TenantError
+    from tenants.records import parse_jsonl
+
+    value = body.get(field)
+    if isinstance(value, str):
+        lines = value.splitlines()
+    elif isinstance(value, list):
+        lines = [json.dumps(item) for item in value]
+    else:
+        raise ApiError(400, f"{field} must be JSON Lines text or a list of records, got {type(value).__name__}",
+                       "invalid_request", field)
+    try:
+        return list(parse_jsonl(lines, source=field))
+    except TenantError as error:
+        raise ApiError(400, str(error), "invalid_records", field) from None
 
 
 def _sse(data: dict[str, Any]) -> bytes:
@@ -431,6 +516,74 @@ class Ingress:
         except NotImplementedError as error:
             raise ApiError(501, str(error), "not_implemented") from None
         return JSONResponse({"tenant": tenant, "job": job}, status_code=202)
+
+    @app.post("/v1/admin/tenants/{tenant}/import")
+    async def admin_import_tenant(self, tenant: str, request: Request) -> JSONResponse:
+        """Import an adapter trained elsewhere as a new tenant: ``eraser tenants import`` over HTTP.
+
+        Body, JSON, at most ``max_upload_bytes``::
+
+            {"base_model": "<model name under models/>",          default: the served model
+             "adapter": {"adapter_config.json": {...},             the PEFT config (an object, or its text)
+                         "adapter_model.safetensors": "<base64>"},
+             "records": "<JSON Lines>" | [{...}, ...],             the records the adapter was trained on
+             "reference": "<JSON Lines>" | [{...}, ...],           records of the same kind it never saw
+             "recipe": {"epochs": 3, "lr": 2e-4, "batch_size": 8, ...}}   optional: the training recipe
+
+        The tenant gets adapter version 1 (``path: "import"``), data version 1 (the records, then the
+        reference flagged ``heldout``) and HEAD on them, and an API key (in the response, shown once).
+        Without a training recipe (epochs, lr and batch_size) it has no exact-retrain fallback; the
+        response's ``retrain_fallback`` says so. The adapter is checked against its base by the cluster
+        layer (the erasure backend) before anything is written, so every refusal writes nothing: 400 for
+        a bad body, records (line and field named), a reference that is empty or overlaps the records,
+        an adapter that does not fit the base or uses unsupported features, or a bad recipe; 409 if the
+        tenant exists; 413 past the size limit; 501 without a cluster erasure backend.
+        """
+        from tenants.errors import TenantError
+        from tenants.paths import validate_tenant_name
+        from tenants.store import imported_config
+
+        await self._admin(request)
+        body = await read_json(request, self.config.max_upload_bytes)
+        parts = parse_import(body, self.config.engine.model)
+        try:
+            config = imported_config(validate_tenant_name(tenant), parts.base_model, parts.peft_config, parts.recipe)
+        except TenantError as error:
+            raise tenant_error(error) from None
+        head = await self._import(config, parts)
+        api_key = await self._store("issue_key", tenant, "created by import")
+        try:  # replicas poll HEAD too; this only makes the new tenant servable at once
+            self.board.publish.remote(tenant, head.adapter, self.config.switch_timeout_s)
+        except Exception as error:
+            logger.warning("tenant=%s imported; replicas not told (they poll HEAD): %s", tenant, error)
+        logger.info("tenant=%s imported: adapter %s, data %s", tenant, head.adapter, head.data)
+        return JSONResponse({"tenant": config.public(), "head": head.model_dump(mode="json"), "api_key": api_key,
+                             "retrain_fallback": config.retrain_unavailable() or "available"}, status_code=201)
+
+    async def _import(self, config, parts: ImportBody):
+        """The backend's import (it checks the adapter with the method, then the store writes), the
+        adapter's files in a temporary directory for the call's duration."""
+        import shutil
+        import tempfile
+        from pathlib import Path
+
+        from tenants.errors import TenantError
+
+        workdir = Path(tempfile.mkdtemp(prefix="eraser-import-"))
+        try:
+            for name, content in parts.files.items():
+                (workdir / name).write_bytes(content)
+            return await asyncio.to_thread(self.backend.import_tenant, config, workdir, parts.records,
+                                           parts.reference, "http")
+        except TenantError as error:
+            raise tenant_error(error) from None
+        except NotImplementedError as error:
+            raise ApiError(501, str(error), "not_implemented") from None
+        except Exception as error:
+            logger.exception("tenant=%s import failed", config.name)
+            raise ApiError(500, f"import failed: {error}", "import_failed") from None
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
 
     @app.post("/v1/admin/tenants/{tenant}/refresh")
     async def admin_refresh(self, tenant: str, request: Request) -> dict[str, Any]:

@@ -29,11 +29,13 @@ from pathlib import Path
 from typing import Any
 
 from botocore.exceptions import ClientError
+from pydantic import ValidationError
 
 from tenants import keys as apikeys
 from tenants.errors import (
     AuthError,
     ConflictError,
+    InvalidConfigError,
     HeadConflictError,
     InvalidAdapterError,
     ReceiptNotFoundError,
@@ -49,6 +51,7 @@ from tenants.models import (
     ErasureRequest,
     Head,
     KeyHash,
+    LoraRecipe,
     ModelManifest,
     PurgeEntry,
     Receipt,
@@ -56,6 +59,7 @@ from tenants.models import (
     Record,
     ShardInfo,
     TenantConfig,
+    TrainingRecipe,
     utcnow,
 )
 from tenants.paths import (
@@ -74,7 +78,7 @@ from tenants.paths import (
     validate_tenant_name,
     version_number,
 )
-from tenants.records import ShardWriter, coerce_records, iter_shard
+from tenants.records import ShardWriter, coerce_records, imported_dataset, iter_shard
 from tenants.retention import plan_purge, unapplied_at_head
 from tenants.s3io import S3IO, PreconditionLost, error_code, local_files, make_client
 from tenants.settings import StoreSettings
@@ -87,6 +91,81 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MAX_CLAIM_TRIES = 50
 MAX_CAS_TRIES = 10
 ORPHAN_SECONDS = 3600.0
+# ImportCheck(config, adapter_dir, records) -> evidence for eraser.json: whatever must hold before an
+# imported tenant is written that the store cannot see (the adapter fits its base: the cluster layer).
+ImportCheck = Callable[[TenantConfig, Path, list[Record]], dict[str, Any]]
+# The recipe fields an import decides itself, and the ones that make a recipe a training recipe.
+IMPORT_DECIDES = ("heldout_unit", "heldout_fraction", "reproducible")
+TRAINING_FIELDS = ("epochs", "lr", "batch_size")
+# adapter_config.json fields a LoraRecipe (one rank, one alpha, module names on every layer) cannot say.
+UNDESCRIBED_LORA_FIELDS = ("rank_pattern", "alpha_pattern", "layers_to_transform", "layers_pattern", "exclude_modules")
+
+
+def adapter_files(local_dir: Path) -> list[str]:
+    """The files of a PEFT adapter directory to upload (InvalidAdapterError if it lacks config or weights)."""
+    if not local_dir.is_dir():
+        raise InvalidAdapterError(f"adapter directory {str(local_dir)!r} does not exist")
+    missing = [name for name in ADAPTER_REQUIRED_FILES if not (local_dir / name).is_file()]
+    if missing:
+        raise InvalidAdapterError(f"adapter directory {str(local_dir)!r} lacks {missing}")
+    names = local_files(local_dir, skip={ADAPTER_MANIFEST, CLAIM_FILE})
+    for name in names:
+        validate_relative_file(name)
+    return names
+
+
+def lora_from_peft_config(peft_config: dict[str, Any]) -> LoraRecipe:
+    """The tenant's LoRA shape read from an adapter's ``adapter_config.json``. Refused: what one rank,
+    alpha and module list cannot say (per-module ranks or alphas, some layers only, a module pattern
+    instead of names), because the tenant's recipe, and the retrain built from it, must describe the
+    adapter exactly. Other PEFT features are the method's to refuse when it loads the adapter."""
+    where = "adapter_config.json"
+    if peft_config.get("peft_type") not in (None, "LORA"):
+        raise InvalidAdapterError(f"{where}: peft_type {peft_config.get('peft_type')!r} is not LoRA")
+    for field in ("r", "lora_alpha", "target_modules"):
+        if peft_config.get(field) is None:
+            raise InvalidAdapterError(f"{where}: {field!r} is missing")
+    modules = peft_config["target_modules"]
+    if isinstance(modules, str):
+        raise InvalidAdapterError(f"{where}: target_modules is a pattern ({modules!r}); a list of module names "
+                                  "is needed (PEFT saves one for adapters it built from a list or 'all-linear')")
+    for field in UNDESCRIBED_LORA_FIELDS:
+        if peft_config.get(field):
+            raise InvalidAdapterError(f"{where}: {field} {peft_config[field]!r} is not supported: the tenant's LoRA "
+                                      "recipe is one rank and one alpha on every layer's target modules")
+    try:
+        return LoraRecipe(rank=peft_config["r"], alpha=peft_config["lora_alpha"],
+                          dropout=peft_config.get("lora_dropout") or 0.0, target_modules=sorted(modules),
+                          use_rslora=bool(peft_config.get("use_rslora", False)))
+    except ValidationError as error:
+        first = error.errors()[0]
+        raise InvalidAdapterError(f"{where}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+
+
+def imported_config(name: str, base_model: str, peft_config: dict[str, Any],
+                    recipe: dict[str, Any] | None = None) -> TenantConfig:
+    """``tenant.json`` of an imported tenant: the LoRA shape from the adapter's config, the reference given
+    (``heldout_unit`` "given"), and the recipe if one was given. A recipe naming epochs, lr and batch_size
+    is the one that trained the adapter: the exact-retrain fallback uses it. One with only rendering fields
+    (max_length, chat_template) or none at all leaves the tenant ``reproducible: false``."""
+    recipe = dict(recipe or {})
+    decided = sorted(set(recipe) & set(IMPORT_DECIDES))
+    if decided:
+        raise InvalidConfigError(f"recipe: {decided} cannot be set for an import: the reference records are given")
+    if "lora" in recipe:
+        raise InvalidConfigError("recipe: 'lora' cannot be set: the LoRA shape is read from adapter_config.json")
+    named = [field for field in TRAINING_FIELDS if field in recipe]
+    if named and len(named) != len(TRAINING_FIELDS):
+        missing = [field for field in TRAINING_FIELDS if field not in recipe]
+        raise InvalidConfigError(f"recipe: a training recipe names {list(TRAINING_FIELDS)}; missing {missing} "
+                                 "(give only max_length/chat_template when the training recipe is unknown)")
+    try:
+        training = TrainingRecipe(**recipe, heldout_unit="given", reproducible=bool(named))
+        return TenantConfig(name=name, base_model=base_model, lora=lora_from_peft_config(peft_config), training=training)
+    except (ValidationError, TypeError) as error:
+        detail = (f"{'.'.join(map(str, error.errors()[0]['loc']))}: {error.errors()[0]['msg']}"
+                  if isinstance(error, ValidationError) else str(error))
+        raise InvalidConfigError(f"recipe: {detail}") from None
 
 
 class TenantStore:
@@ -269,14 +348,7 @@ class TenantStore:
         """
         local_dir = Path(local_dir)
         self._require_tenant(tenant)
-        if not local_dir.is_dir():
-            raise InvalidAdapterError(f"adapter directory {str(local_dir)!r} does not exist")
-        missing = [name for name in ADAPTER_REQUIRED_FILES if not (local_dir / name).is_file()]
-        if missing:
-            raise InvalidAdapterError(f"adapter directory {str(local_dir)!r} lacks {missing}")
-        names = local_files(local_dir, skip={ADAPTER_MANIFEST, CLAIM_FILE})
-        for name in names:
-            validate_relative_file(name)
+        names = adapter_files(local_dir)
         if manifest.parent_version is not None:
             self.get_adapter_manifest(tenant, manifest.parent_version)
         if manifest.data_version is not None:
@@ -353,6 +425,61 @@ class TenantStore:
                 return False
             shutil.rmtree(final)
             return True
+
+    # ================================================================ importing an adapter
+    def import_tenant(self, config: TenantConfig, adapter_dir: str | Path, records: Iterable[Record | dict[str, Any]],
+                      reference: Iterable[Record | dict[str, Any]], check: ImportCheck | None = None,
+                      via: str | None = None) -> Head:
+        """Bring in a tenant whose adapter was trained elsewhere, as if the service had trained it: tenant.json,
+        data version 1 (``records`` and then ``reference``, flagged ``heldout``), adapter version 1
+        (``path: "import"``) and HEAD on the two.
+
+        Everything is validated before the first write: the config (``heldout_unit`` must be "given"), the
+        name (TenantExistsError), the records and the reference (``tenants.records.check_reference``), the
+        adapter directory, then ``check`` (what only the method can tell: the adapter fits its base). So a
+        refused import writes nothing. Should a write fail afterwards, what was written is removed again
+        (version claims stay, as they always do) and the error raised.
+        """
+        adapter_dir = Path(adapter_dir)
+        if config.training.heldout_unit != "given":
+            raise InvalidConfigError(f"tenant {config.name!r}: an imported tenant's reference is given "
+                                     f"(training.heldout_unit 'given'), not {config.training.heldout_unit!r}")
+        if self.tenant_exists(config.name):
+            raise TenantExistsError(f"tenant {config.name!r} already exists")
+        dataset = imported_dataset(records, reference)
+        adapter_files(adapter_dir)
+        evidence = check(config, adapter_dir, dataset) if check is not None else {}
+        heldout = sum(1 for r in dataset if r.heldout)
+        manifest = AdapterManifest(
+            parent_version=None, base_model=config.base_model, path="import",
+            checks={"import": evidence, "train_records": len(dataset) - heldout, "heldout_records": heldout,
+                    "retrain_fallback": config.retrain_unavailable() or "available"},
+            arguments={"imported": {"via": via, "recipe_given": config.training.reproducible},
+                       "recipe": config.training.model_dump(mode="json") if config.training.reproducible else None,
+                       "lora": config.lora.model_dump(mode="json")})
+        self.create_tenant(config)
+        try:
+            data = self.put_dataset(config.name, dataset)
+            version = self.publish_adapter(config.name, adapter_dir, manifest.model_copy(update={"data_version": data}))
+            head = Head(adapter=version, data=data)
+            self.move_head(config.name, head, None)
+        except BaseException:
+            self._remove_tenant(config.name)
+            raise
+        logger.info("tenant %s imported: adapter %s, data %s (%d training, %d reference records), retrain fallback %s",
+                    config.name, version, data, len(dataset) - heldout, heldout,
+                    config.retrain_unavailable() or "available")
+        return head
+
+    def _remove_tenant(self, name: str) -> None:
+        """Undo a tenant that never became whole (an import whose writes failed): tenant.json first, so it
+        stops being a tenant at once, then the rest; version claims stay (numbers are never reused)."""
+        root = self.layout.tenant_dir(name)
+        claims = {info.key for info in self.io.list(root) if info.key.endswith("/" + CLAIM_FILE)}
+        try:
+            self.io.delete_prefix(root, first=self.layout.tenant_config(name), keep=claims)
+        except Exception as error:
+            logger.warning("tenant %s: could not remove a failed import (%s); delete %s by hand", name, error, root)
 
     # ================================================================ HEAD
     def get_head(self, tenant: str) -> tuple[Head | None, str | None]:
