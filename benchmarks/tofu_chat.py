@@ -273,10 +273,10 @@ class Runner:
         import torch
 
         from eraser.bases import build_base, chatml_tokenizer
-        from eraser.model import save_base_model
         from eraser.training import pretrain_base
 
         from benchmarks.tofu_data import pretraining_authors, rows_of
+        from benchmarks.tofu_setup import save_base_atomically
 
         o = self.options
         out = Path(o.cache_dir) / f"base-{_digest(o.base_recipe())}"
@@ -310,11 +310,7 @@ class Runner:
                 "pretrain_loss_first": report.loss_history[0], "pretrain_final_loss": report.final_loss,
                 "wall_time_s": time.perf_counter() - started, "cpu_time_s": time.process_time() - cpu_started,
                 "threads": torch.get_num_threads(), "created_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        staging = out.with_name(out.name + ".tmp")
-        shutil.rmtree(staging, ignore_errors=True)
-        save_base_model(model, tokenizer, staging, info)
-        shutil.rmtree(out, ignore_errors=True)
-        staging.rename(out)
+        save_base_atomically(model, tokenizer, out, info)
         logger.info("pretrained base %s: loss %.3f -> %.3f in %.0fs", out.name, report.loss_history[0],
                     report.final_loss, info["wall_time_s"])
         info["cached"] = False

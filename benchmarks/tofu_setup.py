@@ -73,15 +73,20 @@ def ensure_base(recipe: BaseRecipe, rows: Sequence[TofuRow], cache_dir: Path, fr
             "pretrain_loss_first": report.loss_history[0], "wall_time_s": time.perf_counter() - started,
             "cpu_time_s": time.process_time() - cpu_started,
             "threads": torch.get_num_threads(), "created_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    save_base_atomically(model, tokenizer, out, info)
+    logger.info("pretrained base %s: loss %.3f -> %.3f in %.0fs", out.name, report.loss_history[0],
+                report.final_loss, info["wall_time_s"])
+    info["cached"] = False
+    return out, info
+
+
+def save_base_atomically(model, tokenizer, out: Path, info: dict) -> None:
+    """Write the base next to ``out`` and rename it into place: a cache entry is whole or absent."""
     staging = out.with_name(out.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     save_base_model(model, tokenizer, staging, info)
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
-    logger.info("pretrained base %s: loss %.3f -> %.3f in %.0fs", out.name, report.loss_history[0],
-                report.final_loss, info["wall_time_s"])
-    info["cached"] = False
-    return out, info
 
 
 class Workbench:
