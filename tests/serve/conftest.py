@@ -86,7 +86,7 @@ def served(serving_base, ray_cluster, s3_server, s3_bucket, tmp_path_factory):
     for tenant, tag in TENANTS.items():
         store.create_tenant(TenantConfig(name=tenant, base_model="tiny"))
         keys[tenant] = store.issue_key(tenant, "tests")
-        data_versions[tenant] = store.put_dataset(tenant, [vars(r) for r in models.tenant_records(tag)])
+        data_versions[tenant] = store.put_dataset(tenant, [r.to_json() for r in models.tenant_records(tag)])
     admin_key = os.environ.get(ADMIN_KEY_ENV) or store.ensure_admin_key() or store.rotate_admin_key()
     logger.info("%.1fs: store ready", time.perf_counter() - began)
 
