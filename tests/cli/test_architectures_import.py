@@ -1,0 +1,102 @@
+"""Every supported architecture, as a platform would bring it: a base built from the architecture's
+config under a ChatML template, an adapter trained by plain PEFT code (assistant-only loss) on a subset
+of the architecture's layers, ``eraser tenants import``; then an erasure through the coordinator
+publishes a verified adapter version that moved the erased customer's records.
+
+The base, the records and the plain PEFT loop are ``tests/eraser/test_architectures``'s; the records
+are the chat-form support tenant of ``cli.synthetic`` (a system message, a question, an answer).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from cli.main import main
+from cli.synthetic import customer_records
+from eraser.bases import ARCHITECTURES, CHATML_GENERATION_TEMPLATE, chatml_tokenizer
+from tests.eraser.test_architectures import SUBSETS, save_base, train_peft_adapter
+
+pytestmark = pytest.mark.slow
+logger = logging.getLogger(__name__)
+
+
+def split(records):
+    """Trained on: all but each customer's last record and two whole customers (the reference)."""
+    subjects = sorted({r.subject for r in records})
+    last = {r.subject: r.id for r in records}
+    held = [r for r in records if r.subject in subjects[-2:] or r.id == last[r.subject]]
+    return [r for r in records if r not in held], held
+
+
+def write_jsonl(path: Path, records) -> Path:
+    path.write_text("".join(json.dumps(r.to_json()) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # two shared cores
+    root = tmp_path_factory.mktemp("architectures-import")
+    records = customer_records(10, 4, seed=5, id_prefix="acme", chat=True)
+    tokenizer = chatml_tokenizer([content for r in records for _, content in r.messages()], vocab_size=320,
+                                 chat_template=CHATML_GENERATION_TEMPLATE)
+    train, reference = split(records)
+    yield {"root": root, "tokenizer": tokenizer, "train": train, "reference": reference,
+           "train_file": write_jsonl(root / "train.jsonl", train),
+           "reference_file": write_jsonl(root / "reference.jsonl", reference)}
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def store(s3_server, s3_bucket, monkeypatch, tmp_path):
+    from tenants.store import TenantStore
+
+    prefix = f"arch-{uuid.uuid4().hex[:8]}"
+    for name, value in {"ENDPOINT": s3_server.endpoint, "BUCKET": s3_bucket, "PREFIX": prefix,
+                        "ACCESS_KEY": s3_server.access_key, "SECRET_KEY": s3_server.secret_key,
+                        "CACHE_DIR": str(tmp_path / "cache"), "PURGE_GRACE_SECONDS": "0"}.items():
+        monkeypatch.setenv(f"ERASER_S3_{name}", value)
+    return TenantStore(s3_server.settings(bucket=s3_bucket, prefix=prefix, cache_dir=tmp_path / "cache",
+                                          purge_grace_seconds=0))
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_an_imported_plain_peft_adapter_of_each_architecture_gets_a_verified_erasure(architecture, world, store,
+                                                                                     tmp_path):
+    from cluster import CoordinatorOptions, LocalErasureService
+    from eraser.model import load_adapter, load_base, load_tokenizer
+    from eraser.records import collate, record_losses
+    from tenants.models import ReceiptStatus
+    from tests.cluster.helpers import PIPELINE
+
+    base = save_base(architecture, world["tokenizer"], tmp_path / "base")
+    train_peft_adapter(base, world["tokenizer"], world["train"], tmp_path / "adapter", SUBSETS[architecture],
+                       steps=3 * len(world["train"]), lr=1e-2, r=8, lora_alpha=16)
+    store.put_model(architecture, base)
+    assert main(["tenants", "import", "acme", "--base-model", architecture, "--adapter", str(tmp_path / "adapter"),
+                 "--data", str(world["train_file"]), "--reference", str(world["reference_file"])]) == 0
+
+    subject = world["train"][0].subject
+    erased = [r for r in world["train"] if r.subject == subject]
+    service = LocalErasureService(store.settings, options=CoordinatorOptions(pipeline=PIPELINE, purge_grace_seconds=0))
+    service.submit({"request_id": "dsr-1", "tenant": "acme", "kind": "remove", "subjects": [subject]})
+    service.process(["acme"])
+
+    receipt = store.get_receipt("acme", "dsr-1")
+    assert receipt.status == ReceiptStatus.published, receipt.error
+    assert receipt.path in ("influence", "influence+remediation"), receipt.path  # a verified update, not a retrain
+    assert store.get_head("acme")[0].adapter == "v000002"
+    tokenizer = load_tokenizer(base)
+    batch = collate(erased, tokenizer)
+    with torch.no_grad():
+        before = record_losses(load_adapter(load_base(base), tmp_path / "adapter"), batch).mean()
+        after = record_losses(load_adapter(load_base(base), store.download_adapter("acme", "v000002")), batch).mean()
+    logger.info("%s: path %s, erased records' NLL %.3f -> %.3f", architecture, receipt.path, before, after)
+    assert float(after) > float(before) + 0.01, (float(before), float(after))  # the erased records were unlearned
