@@ -34,14 +34,14 @@ def test_json_has_the_fields(tiny_run):
     on_disk = json.loads((root / "out" / "results.json").read_text())
     assert on_disk["benchmark"] == "tofu_chat" and on_disk["command"] == "test"
     for key in ("options", "versions", "base", "tenant", "adapter_recipe", "adapter_training", "loss_check",
-                "learning", "pairs", "elapsed_s", "targets"):
+                "learning", "cache_build", "pairs", "elapsed_s", "targets"):
         assert key in on_disk, key
     assert on_disk["adapter_recipe"]["target_modules"] == ["q_proj", "v_proj"]
     assert on_disk["base"]["recipe"]["architecture"] == "qwen2"
     assert len(on_disk["pairs"]) == 1
     pair = on_disk["pairs"][0]
     for key in ("pair", "nll", "progress", "retained_diff", "retained_bound", "targets_met", "path", "verified",
-                "erasure", "retrain", "speedup_wall", "speedup_cpu", "outcome", "gold_verification",
+                "erasure", "retrain", "speedup_wall", "speedup_cpu", "speedup_cpu_incl_cache_build", "outcome", "gold_verification",
                 "erased_minus_retrain"):
         assert key in pair, key
     for model in ("original", "erased", "retrain"):
