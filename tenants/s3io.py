@@ -146,7 +146,12 @@ class S3IO:
         if_match: str | None = None,
         content_type: str = "application/octet-stream",
     ) -> str:
-        """Write ``body`` at ``key``; returns the new ETag. PreconditionLost if a condition fails."""
+        """Write ``body`` at ``key``; returns the new ETag. PreconditionLost if a condition fails.
+
+        Idempotent under retries: botocore resends a PUT whose response was lost, and the resent
+        conditional PUT gets 412 because the first one succeeded. So after a 412 the object is read
+        back, and if it already holds exactly ``body`` the write counts as done (its ETag is returned).
+        """
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": key, "Body": body, "ContentType": content_type}
         if if_none_match:
             kwargs["IfNoneMatch"] = "*"
@@ -156,6 +161,11 @@ class S3IO:
             response = self.call("put_object", **kwargs)
         except ClientError as error:
             if self.is_precondition(error):
+                found = self.get_bytes(key)
+                if found is not None and found[0] == body:
+                    logger.info("s3://%s/%s: a conditional write got 412 but the object holds exactly what was "
+                                "written (a retried request whose first attempt succeeded): done", self.bucket, key)
+                    return found[1]
                 raise PreconditionLost(key) from error
             raise
         return str(response.get("ETag", ""))
