@@ -68,6 +68,18 @@ def constant_digits(record: Record, population: Sequence[Record]) -> set[int]:
     return constant
 
 
+DIGITS = re.compile(r"\d+")
+
+
+def kept_digits(old: str, new: str) -> set[int]:
+    """Positions (in ``old``) of the digits a correction keeps: each maximal digit run of the old answer
+    that the new answer also holds as a digit run ("05/25/1930" -> "May 25, 1930" keeps the 25 and the
+    1930). A retrain on the new answer learns those digits, so they are no secret the correction
+    removes, and exposure is measured only over the digits it changed."""
+    carried = {match.group() for match in DIGITS.finditer(new)}
+    return {i for match in DIGITS.finditer(old) if match.group() in carried for i in range(*match.span())}
+
+
 def secret_candidates(record: Record, count: int, seed: int, slots: Sequence[int] | None = None) -> list[Record]:
     """``count`` copies of the record with the digits at ``slots`` (default: every digit) of the
     response re-drawn uniformly, seeded by the record id."""

@@ -41,7 +41,9 @@ records), so tests 1-2 do not apply to it; what must hold instead:
    the base's, ``mean_i [(nll(old) - nll(new)) - (nll_base(old) - nll_base(new))] >= -preference_margin``;
 6. learned: the new pairs are learned like training records: median score(new) <= the
    ``learned_quantile`` of the reference's or the retained records' scores, whichever is higher;
-and tests 3-4 with the old answer's recall counted beyond the new answer's. A ``modify_query`` edit
+and tests 3-4 with the old answer's recall counted beyond the new answer's, test 3 only over the digits
+the correction changed (digit runs the new answer also holds are learned by a retrain on it:
+:func:`eraser.secrets.kept_digits`). A ``modify_query`` edit
 keeps its response (trained under the new prompt): only test 6 applies.
 
 With fewer than ``min_reference`` reference records the test cannot decide: ``verifiable=False``,
@@ -53,7 +55,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -65,7 +67,7 @@ from eraser.model import adapter_disabled
 from eraser.records import Record, token_nlls
 from eraser.reference import evenly_spaced, member_pool, reference_pools, subject_key
 from eraser.requests import Edit
-from eraser.secrets import DIGIT, DIGIT_RUN, constant_digits, secret_exposure, secret_slots
+from eraser.secrets import DIGIT, constant_digits, kept_digits, secret_exposure, secret_slots
 
 logger = logging.getLogger(__name__)
 
@@ -232,11 +234,12 @@ def membership_scores(nll: Sequence[float], base_nll: Sequence[float] | None = N
 
 def record_statistics(model, tokenizer, records: Sequence[Record], config: VerifyConfig,
                       secrets: bool = True, population: Sequence[Record] = (),
-                      secret_ids: set[str] | None = None) -> RecordStats:
+                      secret_ids: set[str] | None = None, kept: Mapping[str, set[int]] | None = None) -> RecordStats:
     """Score, NLL, Min-K% and (where the response holds a secret-like span) calibrated exposure and rank.
 
     ``population``: the tenant's records the format of digit runs is learned from (constant_digits);
-    ``secret_ids``: the records whose exposure is computed (None: all).
+    ``secret_ids``: the records whose exposure is computed (None: all); ``kept``: per record id, the
+    response positions whose digits are not secret (a correction keeps them: ``kept_digits``).
     """
     stats = RecordStats(ids=[r.id for r in records], groups=[subject_key(r) for r in records])
     if not records:
@@ -252,19 +255,20 @@ def record_statistics(model, tokenizer, records: Sequence[Record], config: Verif
     stats.min_k = [min_k_nll(t, config.min_k) for t in tokens]
     for record in records:
         wanted = secrets and (secret_ids is None or record.id in secret_ids)
-        exposure, rank = _record_exposure(model, tokenizer, record, config, population) if wanted else (None, None)
+        exposure, rank = (_record_exposure(model, tokenizer, record, config, population, (kept or {}).get(record.id))
+                          if wanted else (None, None))
         stats.exposure.append(exposure)
         stats.secret_rank.append(rank)
     return stats
 
 
 def _record_exposure(model, tokenizer, record: Record, config: VerifyConfig,
-                     population: Sequence[Record]) -> tuple[float | None, int | None]:
-    if len(DIGIT.findall(record.response)) < config.min_secret_digits:
+                     population: Sequence[Record], kept: set[int] | None = None) -> tuple[float | None, int | None]:
+    if len(DIGIT.findall(record.response)) - len(kept or ()) < config.min_secret_digits:
         return None, None
     slots = (secret_slots(model, tokenizer, record, config.format_probability) if config.calibrate_exposure
              else [i for i, ch in enumerate(record.response) if ch.isdigit()])
-    fixed = constant_digits(record, population)
+    fixed = constant_digits(record, population) | (kept or set())
     slots = [i for i in slots if i not in fixed]
     if len(slots) < config.min_secret_digits:
         return None, None
@@ -300,13 +304,13 @@ def verify(
     member_edits = [edit for edit in edits if edit.kind != "modify_query"]  # whose old response must be gone
     members = [edit.old for edit in member_edits]
     population = [*members, *reference, *retained]
-    erased = record_statistics(model, tokenizer, members, config, secrets=config.secrets, population=population)
+    kept = {edit.old.id: kept_digits(edit.old.response, edit.new.response)  # digits the correction keeps
+            for edit in member_edits if edit.new is not None}
+    erased = record_statistics(model, tokenizer, members, config, secrets=config.secrets, population=population,
+                               kept=kept)
     secret_sample = evenly_spaced(reference, config.secret_reference)  # extraction's null
     with_digits = [r for r in reference if len(DIGIT.findall(r.response)) >= config.min_secret_digits]
     exposure_sample = evenly_spaced(with_digits, config.secret_reference)  # exposure's null
-    for j, edit in enumerate(member_edits):  # a digit run the correction keeps is no secret it removes
-        if edit.new is not None and set(DIGIT_RUN.findall(edit.old.response)) <= set(DIGIT_RUN.findall(edit.new.response)):
-            erased.exposure[j], erased.secret_rank[j] = None, None
     held = record_statistics(model, tokenizer, reference, config, secrets=config.secrets, population=population,
                              secret_ids={r.id for r in exposure_sample})
     result = VerifyResult(passed=False, verifiable=True, reason="", erased=erased, heldout=held, alpha=config.alpha)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import functools
 import random
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -193,6 +194,37 @@ def test_secret_candidates_redraw_every_digit_only():
         assert c.response != record.response
         assert [ch.isdigit() for ch in c.response] == [ch.isdigit() for ch in record.response]
         assert c.response.replace("-", "")[:8] == "Account "
+
+
+def test_a_correction_keeps_the_digit_runs_its_new_answer_also_holds():
+    from eraser.secrets import kept_digits
+
+    old = "Born on 05/25/1930 in Tel Aviv; account 37-5375-391."
+    kept = kept_digits(old, "Born on May 25, 1930 in Tel Aviv; account 37-5375-392.")
+    assert "".join(old[i] for i in sorted(kept)) == "25" "1930" "37" "5375"  # not the 05 nor the 391
+    assert kept_digits(old, "Nothing about it.") == set()
+    assert kept_digits(old, old) == {i for i, ch in enumerate(old) if ch.isdigit()}
+    assert kept_digits("Year 1930.", "Year 19301.") == set()  # a longer run is another number
+
+
+def test_exposure_of_a_correction_counts_only_the_digits_it_changed():
+    """A retrain on the corrected answer learns the digit runs both answers share, so they are never
+    scored as the old answer's secret: with fewer than min_secret_digits changed, no exposure at all."""
+    from eraser.secrets import kept_digits
+    from eraser.verify import record_statistics
+
+    w, config = world(), VerifyConfig()
+    edit = next(e for e in edits_for([request("correct_response", (erased_subject(),))])
+                if len(re.findall(r"\d", e.old.response)) >= 2 * config.min_secret_digits)
+    *head, last = re.split(r"(\d+)", edit.old.response)[:-1]  # the last digit run, one digit changed
+    new = "".join(head) + str((int(last) + 1) % 10 ** len(last)).zfill(len(last)) + edit.old.response.rsplit(last, 1)[1]
+    kept = {edit.old.id: kept_digits(edit.old.response, new)}
+    assert len(re.findall(r"\d", edit.old.response)) - len(kept[edit.old.id]) == len(last) < config.min_secret_digits
+    model = trained(MEMORISED)
+    full = record_statistics(model, w.tokenizer, [edit.old], config, population=w.train)
+    partial = record_statistics(model, w.tokenizer, [edit.old], config, population=w.train, kept=kept)
+    assert full.exposure[0] is not None and full.exposure[0] > config.max_exposure  # memorised: exposed
+    assert partial.exposure[0] is None  # one changed run left: nothing secret the correction removes
 
 
 # -- the criterion on real adapters -------------------------------------------------------------
