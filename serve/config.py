@@ -107,6 +107,9 @@ class ServeConfig(BaseSettings):
         256 << 20, ge=1024, description="largest records upload accepted on the admin route (413 beyond)"
     )
     max_tokens_limit: int = Field(1024, ge=1, description="largest max_tokens a request may ask for")
+    max_erasure_ids: int = Field(
+        10_000, ge=1, description="most record ids (or subjects) one erasure request may select (400 beyond)"
+    )
     auth_cache_s: float = Field(
         30.0, ge=0, description="a verified API key is trusted this long before it is checked again (revocation delay)"
     )

@@ -93,6 +93,12 @@ async def _http_error(request: Request, error: StarletteHTTPException) -> JSONRe
     return _error_response(ApiError(error.status_code, message.get(error.status_code, str(error.detail))))
 
 
+@app.exception_handler(Exception)
+async def _unexpected(request: Request, error: Exception) -> JSONResponse:
+    logger.error("%s %s failed: %s", request.method, request.url.path, type(error).__name__, exc_info=error)
+    return _error_response(ApiError(500, "internal error; retry later", "internal_error"))
+
+
 @app.exception_handler(RequestValidationError)
 async def _fastapi_validation(request: Request, error: RequestValidationError) -> JSONResponse:
     first = error.errors()[0] if error.errors() else {}
@@ -109,15 +115,67 @@ def _bearer(request: Request) -> str:
     return key.strip()
 
 
+MAX_JSON_DEPTH = 32  # no request of this API nests deeper (an import's PEFT config: 3 levels)
+MAX_JSON_INT = 2**64  # larger integers (seeds, token ids, counts) mean nothing here and break the engine
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON (numbers must be finite)")
+
+
+def decode_json(raw: bytes | str, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """JSON text as Python values, refusing what Python's ``json`` accepts but nothing downstream can
+    take: NaN/Infinity, nesting past ``max_depth``, integers beyond 2^64, lone UTF-16 surrogates
+    (``"\\ud800"``: not text; encoding it later fails). 400 (``invalid_json``) naming the fault."""
+    try:
+        value = json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:
+        raise ApiError(400, f"request body nests deeper than {max_depth} levels", "invalid_json") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ApiError(400, f"request body is not valid JSON: {error}", "invalid_json") from None
+    except ValueError as error:  # Infinity/NaN, an integer of more than 4300 digits
+        raise ApiError(400, f"request body is not valid JSON: {error}", "invalid_json") from None
+    _check_json(value, max_depth)
+    return value
+
+
+def _check_json(value: Any, max_depth: int) -> None:
+    """One iterative pass over decoded JSON (no recursion, so any depth is safe to walk)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            _check_text(item)
+        elif isinstance(item, bool):
+            continue
+        elif isinstance(item, int):
+            if not -MAX_JSON_INT <= item <= MAX_JSON_INT:
+                raise ApiError(400, "request body holds an integer beyond 2^64", "invalid_json")
+        elif isinstance(item, (list, dict)):
+            if depth > max_depth:
+                raise ApiError(400, f"request body nests deeper than {max_depth} levels", "invalid_json")
+            if isinstance(item, dict):
+                for key, child in item.items():
+                    _check_text(key)
+                    stack.append((child, depth + 1))
+            else:
+                stack.extend((child, depth + 1) for child in item)
+
+
+def _check_text(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, "request body holds a lone UTF-16 surrogate (e.g. \\ud800): not valid Unicode text",
+                       "invalid_json") from None
+
+
 async def read_json(request: Request, limit: int) -> Any:
-    """The request body as JSON: 413 beyond ``limit`` bytes, 400 when it is not JSON."""
+    """The request body as JSON: 413 beyond ``limit`` bytes, 400 when it is not JSON (see :func:`decode_json`)."""
     raw = await read_body(request, limit)
     if not raw.strip():
         raise ApiError(400, "request body is empty; expected a JSON object", "invalid_json")
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ApiError(400, f"request body is not valid JSON: {error}", "invalid_json") from None
+    return decode_json(raw)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -191,9 +249,9 @@ def _import_adapter(adapter: Any) -> tuple[dict[str, Any], dict[str, bytes]]:
     config_text = peft_config if isinstance(peft_config, str) else json.dumps(peft_config, indent=2)
     if isinstance(peft_config, str):  # stored as given
         try:
-            peft_config = json.loads(peft_config)
-        except json.JSONDecodeError as error:
-            raise ApiError(400, f"adapter.{ADAPTER_CONFIG} is not valid JSON: {error}", "invalid_request",
+            peft_config = decode_json(peft_config)
+        except ApiError as error:
+            raise ApiError(400, f"adapter.{ADAPTER_CONFIG}: {error.message}", "invalid_request",
                            f"adapter.{ADAPTER_CONFIG}") from None
     if not isinstance(peft_config, dict):
         raise ApiError(400, f"adapter.{ADAPTER_CONFIG} must be a JSON object", "invalid_request", f"adapter.{ADAPTER_CONFIG}")
@@ -430,6 +488,11 @@ class Ingress:
             if body.setdefault("tenant", tenant) != tenant:
                 raise ApiError(400, f"body names tenant {body['tenant']!r} but the URL names {tenant!r}",
                                "invalid_request", "tenant")
+            limit = self.config.max_erasure_ids
+            for field in ("records", "subjects", "replacements"):
+                if isinstance(body.get(field), (list, dict)) and len(body[field]) > limit:
+                    raise ApiError(400, f"{field}: {len(body[field])} entries; one request selects at most {limit} "
+                                   "(split it, or raise max_erasure_ids)", "too_many_records", field)
         erasure = parse(ErasureRequest, body)
         receipt, created = await self._store("submit_erasure", erasure)
         url = f"/v1/tenants/{tenant}/erasures/{erasure.request_id}"
@@ -478,9 +541,17 @@ class Ingress:
             if "key_hashes" in body:
                 raise ApiError(400, "key_hashes cannot be set; keys are issued by the service", "invalid_request")
         config = parse(TenantConfig, body)
+        self._check_rank(config)
         await self._store("create_tenant", config)
         api_key = await self._store("issue_key", config.name, "created by admin")
         return JSONResponse({"tenant": config.public(), "api_key": api_key}, status_code=201)
+
+    def _check_rank(self, config) -> None:
+        """400 for a LoRA rank the engine cannot serve (vLLM refuses it at load: the tenant would get 503s)."""
+        limit = self.config.engine.max_lora_rank
+        if config.lora.rank > limit:
+            raise ApiError(400, f"LoRA rank {config.lora.rank} exceeds the engine's max_lora_rank {limit}; this "
+                           "service cannot serve the adapter", "lora_rank_too_large", "lora.rank")
 
     @app.post("/v1/admin/tenants/{tenant}/keys")
     async def admin_issue_key(self, tenant: str, request: Request) -> JSONResponse:
@@ -497,8 +568,8 @@ class Ingress:
         raw = await read_body(request, self.config.max_upload_bytes)
         if request.headers.get("content-type", "").split(";")[0].strip() == "application/json":
             try:
-                records = json.loads(raw)["records"]
-            except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError) as error:
+                records = decode_json(raw)["records"]
+            except (TypeError, KeyError) as error:
                 raise ApiError(400, f"expected a JSON object {{\"records\": [...]}}: {error}", "invalid_json") from None
         else:
             records = parse_jsonl(raw.splitlines(), source="request body")
@@ -550,6 +621,7 @@ class Ingress:
             config = imported_config(validate_tenant_name(tenant), parts.base_model, parts.peft_config, parts.recipe)
         except TenantError as error:
             raise tenant_error(error) from None
+        self._check_rank(config)
         head = await self._import(config, parts)
         api_key = await self._store("issue_key", tenant, "created by import")
         try:  # replicas poll HEAD too; this only makes the new tenant servable at once

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from serve.engine import Completion, SamplingOptions
+
+
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]
 
 
 class StreamOptions(BaseModel):
@@ -33,7 +36,7 @@ class _Sampling(BaseModel):
     stream: bool = Field(False, description="stream server-sent events")
     stream_options: StreamOptions | None = Field(None, description="streaming options")
     stop: str | list[str] | None = Field(None, description="up to 4 stop sequences")
-    seed: int | None = Field(None, description="sampling seed")
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64, description="sampling seed (a 64-bit integer)")
     presence_penalty: float = Field(0.0, ge=-2, le=2, description="penalty on tokens already present")
     frequency_penalty: float = Field(0.0, ge=-2, le=2, description="penalty by token frequency")
     user: str | None = Field(None, description="end-user id (logged, not used)")
@@ -78,7 +81,7 @@ class _Sampling(BaseModel):
 class CompletionRequest(_Sampling):
     """POST /v1/completions. The prompt is used verbatim (no template)."""
 
-    prompt: str | list[int] | list[str] = Field(description="text, token ids, or a list holding one text")
+    prompt: str | list[TokenId] | list[str] = Field(description="text, token ids, or a list holding one text")
     max_tokens: int | None = Field(16, ge=1, description="tokens to generate (OpenAI's default: 16)")
     echo: bool = Field(False, description="not supported (must be false)")
     logprobs: int | None = Field(None, description="not supported (must be null)")

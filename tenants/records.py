@@ -55,6 +55,9 @@ def parse_jsonl(lines: Iterable[str | bytes], source: str = "<records>") -> Iter
             data = json.loads(line)
         except json.JSONDecodeError as error:
             raise InvalidRecordsError(f"{source}:{number}: invalid JSON: {error.msg} (column {error.colno})") from error
+        except (ValueError, RecursionError) as error:  # an integer of > 4300 digits, nesting past the stack
+            reason = "nested too deeply" if isinstance(error, RecursionError) else str(error)
+            raise InvalidRecordsError(f"{source}:{number}: invalid JSON: {reason}") from None
         if not isinstance(data, dict):
             raise InvalidRecordsError(f"{source}:{number}: expected a JSON object, got {type(data).__name__}")
         data, was_derived = with_derived_id(data)
