@@ -181,6 +181,7 @@ class TenantStore:
         self.client = client if client is not None else make_client(self.settings)
         self.io = S3IO(self.client, self.settings)
         self.orphan_seconds = ORPHAN_SECONDS
+        self._versioning: bool | None = None  # bucket keeps object versions (read on first purge)
         identity = f"{self.settings.endpoint or 'aws'}|{self.settings.bucket}|{self.layout.prefix}"
         self._cache_root = self.settings.cache_dir / hashlib.sha256(identity.encode()).hexdigest()[:16]
         self._locks: dict[str, threading.Lock] = {}
@@ -715,6 +716,10 @@ class TenantStore:
             entries.append(PurgeEntry(kind=candidate.kind, version=candidate.version, key=prefix, objects=count,
                                       request_ids=list(candidate.request_ids), deleted_at=utcnow()))
         entries += self._purge_orphans(tenant, protected, now, dry_run)
+        if not dry_run:  # a versioned bucket keeps what was just deleted as noncurrent versions
+            swept = self._purge_noncurrent(tenant)
+            for entry in entries:
+                entry.objects += sum(1 for key in swept if key.startswith(entry.key))
         for entry in entries:
             logger.info("tenant %s: purged %s %s (%d objects) for %s%s", tenant, entry.kind, entry.version,
                         entry.objects, entry.request_ids, " [dry run]" if dry_run else "")
@@ -756,6 +761,47 @@ class TenantStore:
                 entries.append(PurgeEntry(kind=kind, version=version, key=f"{root}{version}/", objects=count,
                                           deleted_at=utcnow()))
         return entries
+
+    def bucket_versioned(self) -> bool:
+        """Whether the bucket keeps object versions (versioning Enabled or Suspended; read once)."""
+        if self._versioning is None:
+            status = self.io.call("get_bucket_versioning", Bucket=self.settings.bucket).get("Status")
+            self._versioning = status in ("Enabled", "Suspended")
+        return self._versioning
+
+    def _purge_noncurrent(self, tenant: str) -> list[str]:
+        """On a versioned bucket, delete every hidden copy under the tenant's prefix: noncurrent
+        versions (what a delete or an overwrite left behind) and the delete markers of keys that no
+        longer exist, with every version of those keys. Current objects are never touched. Returns
+        the key of each version deleted."""
+        if not self.bucket_versioned():
+            return []
+        latest: dict[str, bool] = {}  # key -> its latest entry is a delete marker
+        versions: list[tuple[str, str, bool]] = []  # (key, version id, is latest)
+        kwargs: dict[str, Any] = {"Bucket": self.settings.bucket, "Prefix": self.layout.tenant_dir(tenant)}
+        while True:
+            page = self.io.call("list_object_versions", **kwargs)
+            for marker, items in ((False, page.get("Versions", [])), (True, page.get("DeleteMarkers", []))):
+                for item in items:
+                    versions.append((item["Key"], item["VersionId"], bool(item.get("IsLatest"))))
+                    if item.get("IsLatest"):
+                        latest[item["Key"]] = marker
+            if not page.get("IsTruncated"):
+                break
+            kwargs.update(KeyMarker=page.get("NextKeyMarker"), VersionIdMarker=page.get("NextVersionIdMarker"))
+        doomed = [(key, version) for key, version, is_latest in versions
+                  if not is_latest or latest.get(key, True)]  # a key whose latest is a marker goes whole
+        for start in range(0, len(doomed), 1000):
+            batch = doomed[start:start + 1000]
+            response = self.io.call("delete_objects", Bucket=self.settings.bucket, Delete={
+                "Objects": [{"Key": key, "VersionId": version} for key, version in batch], "Quiet": True})
+            if response.get("Errors"):
+                error = response["Errors"][0]
+                raise StoreError(f"tenant {tenant!r}: could not delete {len(response['Errors'])} noncurrent "
+                                 f"versions, e.g. {error.get('Key')}: {error.get('Code')}")
+        if doomed:
+            logger.info("tenant %s: deleted %d noncurrent object versions and delete markers", tenant, len(doomed))
+        return [key for key, _ in doomed]
 
     def _manifests(self, tenant: str, kind: str) -> dict[str, Any]:
         versions = self.list_adapter_versions(tenant) if kind == "adapter" else self.list_data_versions(tenant)

@@ -1,0 +1,91 @@
+"""Purge on a versioned bucket (SeaweedFS keeps versions like S3): nothing erased survives as a
+noncurrent version or behind a delete marker, and current objects are untouched."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from tenants.models import AdapterManifest, ErasureRequest, Head
+from tenants.store import TenantStore
+from tests.tenants.helpers import adapter_dir, onboard
+
+
+@pytest.fixture(scope="module")
+def versioned_bucket(s3_server):
+    settings = s3_server.settings(bucket="eraser-versioned")
+    store = TenantStore(settings)
+    store.ensure_bucket()
+    store.io.call("put_bucket_versioning", Bucket=settings.bucket, VersioningConfiguration={"Status": "Enabled"})
+    return settings.bucket
+
+
+@pytest.fixture
+def vstore(s3_server, versioned_bucket, tmp_path):
+    return TenantStore(s3_server.settings(bucket=versioned_bucket, prefix=f"t-{uuid.uuid4().hex[:12]}",
+                                          cache_dir=tmp_path / "cache"))
+
+
+def all_versions(store, prefix: str) -> list[tuple[str, str]]:
+    page = store.io.call("list_object_versions", Bucket=store.settings.bucket, Prefix=prefix)
+    return [(v["Key"], v["VersionId"]) for v in page.get("Versions", []) + page.get("DeleteMarkers", [])]
+
+
+def bytes_of_every_version(store, prefix: str) -> list[bytes]:
+    page = store.io.call("list_object_versions", Bucket=store.settings.bucket, Prefix=prefix)
+    return [store.io.call("get_object", Bucket=store.settings.bucket, Key=v["Key"], VersionId=v["VersionId"])["Body"]
+            .read() for v in page.get("Versions", [])]
+
+
+def test_purge_deletes_noncurrent_versions_of_erased_data(vstore, tmp_path):
+    import gzip
+
+    store = vstore
+    assert store.bucket_versioned()
+    d1, v1, etag = onboard(store, tmp_path)
+    request = ErasureRequest(request_id="req-1", tenant="acme", kind="remove", records=["r1"])
+    receipt, _ = store.submit_erasure(request)
+    receipt.transition("running", old_adapter_version=v1, old_data_version=d1)
+    store.save_receipt(receipt)
+    selected = request.resolve(store.iter_dataset("acme", d1))
+    d2 = store.put_dataset("acme", request.apply(store.iter_dataset("acme", d1), selected), parent=d1,
+                           request_ids=["req-1"])
+    v2 = store.publish_adapter("acme", adapter_dir(tmp_path, b"erased", "v2"),
+                               AdapterManifest(parent_version=v1, data_version=d2, request_ids=["req-1"], path="influence"))
+    store.move_head("acme", Head(adapter=v2, data=d2), etag)
+    receipt.transition("published", new_adapter_version=v2, new_data_version=d2, records_affected=selected)
+    store.save_receipt(receipt)
+    old_data = store.layout.data_dir("acme", d1)
+    assert any(b"code-1" in gzip.decompress(body) for body in bytes_of_every_version(store, old_data)
+               if body[:2] == b"\x1f\x8b")
+
+    entries = store.purge("acme", v2, d2, older_than=0)
+    assert {(e["kind"], e["version"]) for e in entries} == {("adapter", v1), ("data", d1)}
+    # no version, noncurrent or behind a delete marker, of the purged prefixes is left but the claims
+    for prefix in (old_data, store.layout.adapter_dir("acme", v1)):
+        left = all_versions(store, prefix)
+        assert [key.rsplit("/", 1)[1] for key, _ in left] == ["_claim.json"], left
+    tenant = store.layout.tenant_dir("acme")
+    shards = [body for body in bytes_of_every_version(store, tenant) if body[:2] == b"\x1f\x8b"]
+    assert shards and not any(b"code-1" in gzip.decompress(body) for body in shards)
+    # what is current stays readable: HEAD, its data and adapter, the receipt
+    assert [r.id for r in store.iter_dataset("acme", d2)] == ["r0", "r2", "r3", "r4", "r5"]
+    assert store.get_head("acme")[0].adapter == v2
+    assert store.get_adapter_manifest("acme", v2).version == v2
+    assert store.get_receipt("acme", "req-1").status.value == "published"
+
+
+def test_purge_on_an_unversioned_bucket_reads_the_setting_once(store, tmp_path):
+    calls = []
+    real = store.io.call
+
+    def counting(operation, **kwargs):
+        calls.append(operation)
+        return real(operation, **kwargs)
+
+    store.io.call = counting
+    onboard(store, tmp_path)
+    head, _ = store.get_head("acme")
+    assert store.purge("acme", head.adapter, head.data) == [] and store.purge("acme", head.adapter, head.data) == []
+    assert calls.count("get_bucket_versioning") == 1 and "list_object_versions" not in calls
