@@ -36,6 +36,68 @@ from serve.errors import AdapterLoadError, NoAdapterError
 logger = logging.getLogger(__name__)
 
 
+class ReplicaCache:
+    """The adapter directory of one engine replica, ``<root>/<replica>``, and the sweep of dead ones.
+
+    A replica holds ``<root>/<replica>.lock`` with ``flock`` for its whole life (the kernel releases
+    it when the process dies, SIGKILL included), taken *before* its directory exists. At start every
+    directory under ``root`` whose lock is free belongs to a replica that is gone (crashed, scaled
+    down, or from a version without locks) and is deleted with its pre-erasure weights; at stop the
+    replica deletes its own. Replicas of one node share ``root`` safely: a live one's lock is held.
+    """
+
+    def __init__(self, root: Path, replica: str) -> None:
+        self.root = Path(root)
+        self.replica = replica
+        self.path = self.root / replica
+        self._lock_file = None
+
+    def open(self) -> Path:
+        """Take this replica's lock, sweep the dead replicas' directories, create ours; returns it."""
+        import fcntl
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        handle = open(self.root / f"{self.replica}.lock", "a")
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # replica ids are unique: never held by another
+        self._lock_file = handle
+        swept = self.sweep()
+        if swept:
+            logger.info("replica %s: deleted the adapter caches of %d replicas that are gone: %s",
+                        self.replica, len(swept), swept)
+        self.path.mkdir(parents=True, exist_ok=True)
+        return self.path
+
+    def sweep(self) -> list[str]:
+        """Delete every replica directory under ``root`` whose owner is gone; returns their names."""
+        import fcntl
+        import shutil
+
+        swept = []
+        for entry in sorted(self.root.iterdir()):
+            if not entry.is_dir() or entry.name == self.replica:
+                continue
+            lock_path = self.root / f"{entry.name}.lock"
+            with open(lock_path, "a") as handle:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a live replica
+                shutil.rmtree(entry, ignore_errors=True)
+                lock_path.unlink(missing_ok=True)  # under the lock: no one can be waiting for it
+            swept.append(entry.name)
+        return swept
+
+    def close(self) -> None:
+        """Delete this replica's directory, then release its lock."""
+        import shutil
+
+        shutil.rmtree(self.path, ignore_errors=True)
+        if self._lock_file is not None:
+            (self.root / f"{self.replica}.lock").unlink(missing_ok=True)
+            self._lock_file.close()
+            self._lock_file = None
+
+
 class AdapterSource(abc.ABC):
     """Where adapter versions come from. Blocking methods: the registry runs them in a thread."""
 

@@ -100,7 +100,8 @@ class ServeConfig(BaseSettings):
         120.0, gt=0, description="how long a refresh waits for every replica to drop the old adapter version"
     )
     adapter_dir: Path = Field(
-        DEFAULT_ADAPTER_DIR, description="local adapter copies, one subdirectory per replica (deleted when superseded)"
+        DEFAULT_ADAPTER_DIR, description="local adapter copies, one subdirectory per replica (a version's files are "
+        "deleted when superseded, a replica's directory when it stops or, if it died, when the next one starts)"
     )
     max_body_bytes: int = Field(1 << 20, ge=1024, description="largest request body accepted (413 beyond)")
     max_upload_bytes: int = Field(

@@ -15,7 +15,7 @@ import uuid
 from dataclasses import asdict
 from typing import Any, AsyncIterator
 
-from serve.adapters import AdapterRegistry, StoreAdapterSource
+from serve.adapters import AdapterRegistry, ReplicaCache, StoreAdapterSource
 from serve.board import ALL
 from serve.config import ServeConfig
 from serve.engine import Engine, SamplingOptions, VLLMEngine
@@ -40,8 +40,10 @@ class EngineServer:
         settings = config.store_settings()
         self.store = TenantStore(settings)
         # adapters go to a cache of this replica alone: deleting a superseded version here can never
-        # pull files from under another replica that still serves it
-        self.adapter_dir = config.adapter_dir / self.replica
+        # pull files from under another replica that still serves it; the caches of replicas that
+        # are gone (crashed, scaled down) are swept now, ours when we stop
+        self.cache = ReplicaCache(config.adapter_dir, self.replica)
+        self.adapter_dir = self.cache.open()
         adapter_store = TenantStore(settings.model_copy(update={"cache_dir": self.adapter_dir}))
         if engine is None:
             model_path = await asyncio.to_thread(self.store.resolve_base_model, config.engine.model)
@@ -143,6 +145,8 @@ class EngineServer:
             await self.registry.stop()
         with contextlib.suppress(Exception):
             await self.engine.shutdown()
+        with contextlib.suppress(Exception):
+            self.cache.close()  # this replica's adapter files (pre-erasure weights among them)
 
 
 def _replica_id() -> str:
