@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -230,12 +229,16 @@ class _Stores:
     """The shared store (base models: big, not tenant data) and a job-private one (adapters)."""
 
     def __init__(self, settings: StoreSettings) -> None:
-        self.private_dir = Path(tempfile.mkdtemp(prefix="eraser-job-cache-"))
+        from tenants.scratch import PrivateDir
+
+        # locked while the job lives; a SIGKILLed job's copy (the parent adapter) is swept by the next job
+        self._scratch = PrivateDir("eraser-job-cache-")
+        self.private_dir = self._scratch.path
         self.shared = TenantStore(settings)
         self.private = TenantStore(settings.model_copy(update={"cache_dir": self.private_dir}))
 
     def close(self) -> None:
-        shutil.rmtree(self.private_dir, ignore_errors=True)
+        self._scratch.close()
 
 
 def _write_result(out_dir: Path, body: dict) -> None:
