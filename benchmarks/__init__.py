@@ -1,1 +1,1 @@
-"""benchmarks: see DESIGN.md."""
+"""benchmarks: fidelity and speed against retraining (benchmarks/README.md, docs/method.md#measured-limits)."""

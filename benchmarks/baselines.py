@@ -5,7 +5,7 @@
   ("after" minus "before" records), ``x`` initialised to the constant ``x_init`` everywhere, 20 Adam steps
   (lr 1e-5, weight decay 1e-5) on ``0.5 x^T H_B x - b^T x`` with the exact-Hessian HVP on a shuffled
   minibatch of one record and *detached* from ``x`` (so the gradient is ``0.5 H x - b`` and the fixed
-  point is ``2 H^-1 b``), then ``theta + x``. Its defects are kept on purpose (STACK.md).
+  point is ``2 H^-1 b``), then ``theta + x``. Its defects are kept on purpose (docs/operations.md#pitfalls-of-the-stack).
 - :func:`gradient_ascent` and :func:`npo`: fine-tuning baselines on the forgotten records (ascent, or
   NPO, Zhang et al. 2024), plus descent on the replacement records for corrections, for as many steps as
   a stopping rule that does not look at the gold asks (``done()``, checked every ``eval_every`` steps,

@@ -1,6 +1,6 @@
 """One influence erasure of an adapter: edits -> ``b`` -> solve -> ``theta + x``, with before/after checks.
 
-This is the fast path of DESIGN.md's flow (step 3). Whether its result may be published is decided
+The fast path of docs/architecture.md#the-erasure-flow, step 4. Whether its result may be published is decided
 afterwards by verification (:mod:`eraser.verify`) and the guard; this module never saves anything.
 """
 

@@ -28,7 +28,7 @@ class Edit:
 
 @dataclass(frozen=True)
 class EditRequest:
-    """The method's view of one erasure request (see DESIGN.md "Data formats")."""
+    """The method's view of one erasure request (see docs/method.md#the-influence-estimate)."""
 
     kind: str
     records: tuple[str, ...] = ()

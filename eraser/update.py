@@ -62,7 +62,7 @@ def _json_safe(value):
 
 
 def save_adapter(model, out_dir: str | Path, manifest: dict | None = None) -> Path:
-    """Save the PEFT adapter and write ``eraser.json`` (DESIGN.md "Adapter version") next to it.
+    """Save the PEFT adapter and write ``eraser.json`` (docs/architecture.md#s3-layout) next to it.
 
     Writes into ``out_dir`` only when every tensor is finite; the manifest is written last and
     carries the sha256 of every file, so a reader can tell a complete directory from a partial one.

@@ -1,5 +1,5 @@
 """serve: the online service. Ray Serve + vLLM with per-tenant LoRA adapters, OpenAI-compatible
-routes, erasure routes, and live adapter reload with nothing stale (see DESIGN.md).
+routes, erasure routes, and live adapter reload with nothing stale (see docs/architecture.md#the-erasure-flow).
 
 ``serve run serve.app:build_app`` builds the application; the cluster layer reaches it through
 :class:`SwitchNotifier` (a publish hook) and the ingress reaches the cluster through an

@@ -1,6 +1,6 @@
 """Per-replica adapter registry: which adapter version serves each tenant, and live switching.
 
-The rules (STACK.md says why each one is needed with vLLM):
+The rules (docs/operations.md#pitfalls-of-the-stack says why vLLM needs each one):
 
 1. Each adapter version a replica loads gets a new LoRA name (``<tenant>@<version>``), a new
    ``lora_int_id`` (monotonic within the replica, never reused) and its own local directory

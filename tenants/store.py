@@ -169,7 +169,7 @@ def imported_config(name: str, base_model: str, peft_config: dict[str, Any],
 
 
 class TenantStore:
-    """All persistent state of the service, in one S3 bucket under one prefix (DESIGN.md layout).
+    """All persistent state of the service, in one S3 bucket under one prefix (docs/architecture.md#s3-layout).
 
     ``client`` may be any object with boto3's S3 client methods (tests wrap one to inject faults).
     Thread-safe: boto3 clients are, and the local caches are guarded by per-entry locks.

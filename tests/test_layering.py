@@ -1,4 +1,4 @@
-"""DESIGN.md's dependency arrows, checked on the source: serve -> cluster -> eraser; serve, cluster -> tenants."""
+"""docs/architecture.md#layers, checked on the source: serve -> cluster -> eraser; serve, cluster -> tenants."""
 
 from __future__ import annotations
 
@@ -34,4 +34,4 @@ def test_package_imports_respect_the_layering(package):
         bad = imported_top_levels(path) & FORBIDDEN[package]
         if bad:
             offenders[str(path.relative_to(ROOT))] = sorted(bad)
-    assert not offenders, f"{package}/ imports what DESIGN.md forbids: {offenders}"
+    assert not offenders, f"{package}/ imports what docs/architecture.md#layers forbids: {offenders}"

@@ -2,7 +2,7 @@
 
 Stopped by killing exactly the processes it started (every process whose command line names its
 temp dir, and their descendants), never ``ray stop``, which kills every Ray on the machine.
-``RAY_AUTH_MODE=disabled`` so ``ray job submit`` works without a token (STACK.md); ``RAY_ADDRESS``
+``RAY_AUTH_MODE=disabled`` so ``ray job submit`` works without a token (docs/operations.md#pitfalls-of-the-stack); ``RAY_ADDRESS``
 in its environment so Train's helpers that look the cluster up never find another engineer's.
 """
 

@@ -198,7 +198,7 @@ def test_models_upload_once_download_once(store, tmp_path):
 
 
 def test_bucket_layout_is_exactly_designs(s3_server, tmp_path):
-    """With an empty prefix, every key in the bucket sits where DESIGN.md's S3 layout puts it."""
+    """With an empty prefix, every key in the bucket sits where docs/architecture.md#s3-layout puts it."""
     store = TenantStore(s3_server.settings(bucket="eraser-layout", cache_dir=tmp_path / "cache"))
     store.ensure_bucket()
     model = tmp_path / "m"
