@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import uuid
 from pathlib import Path
 
 import pytest
@@ -54,22 +53,10 @@ def world(tmp_path_factory):
     torch.set_num_threads(previous)
 
 
-@pytest.fixture
-def store(s3_server, s3_bucket, monkeypatch, tmp_path):
-    from tenants.store import TenantStore
-
-    prefix = f"arch-{uuid.uuid4().hex[:8]}"
-    for name, value in {"ENDPOINT": s3_server.endpoint, "BUCKET": s3_bucket, "PREFIX": prefix,
-                        "ACCESS_KEY": s3_server.access_key, "SECRET_KEY": s3_server.secret_key,
-                        "CACHE_DIR": str(tmp_path / "cache"), "PURGE_GRACE_SECONDS": "0"}.items():
-        monkeypatch.setenv(f"ERASER_S3_{name}", value)
-    return TenantStore(s3_server.settings(bucket=s3_bucket, prefix=prefix, cache_dir=tmp_path / "cache",
-                                          purge_grace_seconds=0))
-
-
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
-def test_an_imported_plain_peft_adapter_of_each_architecture_gets_a_verified_erasure(architecture, world, store,
+def test_an_imported_plain_peft_adapter_of_each_architecture_gets_a_verified_erasure(architecture, world, cli_store,
                                                                                      tmp_path):
+    store = cli_store
     from cluster import CoordinatorOptions, LocalErasureService
     from eraser.model import load_adapter, load_base, load_tokenizer
     from eraser.records import collate, record_losses

@@ -103,19 +103,10 @@ def world(tmp_path_factory):
 
 
 @pytest.fixture
-def cli_env(world, s3_server, s3_bucket, monkeypatch, tmp_path):
-    """The CLI pointed at the session server under a fresh prefix holding the base; returns a store on it."""
-    from tenants.store import TenantStore
-
-    prefix = f"import-{uuid.uuid4().hex[:8]}"
-    for name, value in {"ENDPOINT": s3_server.endpoint, "BUCKET": s3_bucket, "PREFIX": prefix,
-                        "ACCESS_KEY": s3_server.access_key, "SECRET_KEY": s3_server.secret_key,
-                        "CACHE_DIR": str(tmp_path / "cache"), "PURGE_GRACE_SECONDS": "0"}.items():
-        monkeypatch.setenv(f"ERASER_S3_{name}", value)
-    store = TenantStore(s3_server.settings(bucket=s3_bucket, prefix=prefix, cache_dir=tmp_path / "cache",
-                                           purge_grace_seconds=0))
-    store.put_model(BASE_NAME, world["base"])
-    return store
+def cli_env(world, cli_store):
+    """The CLI's store (``cli_store``) holding the base."""
+    cli_store.put_model(BASE_NAME, world["base"])
+    return cli_store
 
 
 def everything(store) -> dict[str, str]:

@@ -16,7 +16,7 @@ import torch
 
 from eraser.bases import ARCHITECTURES
 from eraser.rendering import generation_prompt_ids
-from tests.eraser.test_architectures import SUBSETS, chat_records, native, records_tokenizer, save_base
+from tests.eraser.test_architectures import SUBSETS, native, records, save_base, tokenizer  # noqa: F401 (fixtures)
 from tests.eraser.test_architectures import train_peft_adapter
 
 pytestmark = pytest.mark.slow
@@ -24,16 +24,6 @@ logger = logging.getLogger(__name__)
 
 MAX_TOKENS = 8
 RANK = 8
-
-
-@pytest.fixture(scope="module")
-def records():
-    return chat_records()
-
-
-@pytest.fixture(scope="module")
-def tokenizer(records):
-    return records_tokenizer(records)
 
 
 @torch.no_grad()
