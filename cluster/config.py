@@ -24,6 +24,15 @@ def _env_int(name: str, default: int) -> int:
     return int(value) if value not in (None, "") else default
 
 
+def _env_float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    return float(value) if value not in (None, "") else default
+
+
+# How long a caller waits for a quick actor call (submit, describe, purge, hooks) before giving up.
+CALL_TIMEOUT_S = _env_float("ERASER_CLUSTER_CALL_TIMEOUT", 120.0)
+
+
 def _env_bool(name: str, default: bool) -> bool:
     value = os.environ.get(name)
     return value.strip().lower() in ("1", "true", "yes") if value not in (None, "") else default
@@ -44,8 +53,13 @@ class RunnerSpec:
     # Where Train puts result checkpoints: a local directory (one node) or a URI every node reaches
     # (s3://bucket/ray-train, NFS). None = a temporary directory (single-node clusters only).
     storage_path: str | None = field(default_factory=lambda: os.environ.get("ERASER_CLUSTER_STORAGE") or None)
+    # The longest a job (erasure, training, curvature) may run: ray.get and trainer.fit wait no longer,
+    # the job fails with a timeout error (in the receipt) and its Ray task is cancelled.
+    job_timeout_s: float = field(default_factory=lambda: _env_float("ERASER_CLUSTER_JOB_TIMEOUT", 3600.0))
 
     def __post_init__(self) -> None:
+        if not self.job_timeout_s > 0:
+            raise ClusterError(f"job_timeout_s must be > 0, got {self.job_timeout_s!r}")
         if self.kind not in ("ray", "ray-train", "local"):
             raise ClusterError(f"runner kind must be 'ray', 'ray-train' or 'local', got {self.kind!r}")
         if self.num_workers < 1:
@@ -72,8 +86,27 @@ class CoordinatorOptions:
     # The coordinator actor builds HEAD's low-rank curvature with a curvature job after its rounds and
     # after onboarding, so the next erasure skips it (solver "eigen" only): one job per published version.
     warm_curvature: bool = True
+    # The tenant's coordinator lease in S3 (tenants.lease): renewed every ttl/3 by its holder; a second
+    # coordinator waits up to lease_wait_s for it to be released or lapse, then refuses (LeaseHeldError).
+    lease_ttl_s: float = field(default_factory=lambda: _env_float("ERASER_CLUSTER_LEASE_TTL", 30.0))
+    lease_wait_s: float = field(default_factory=lambda: _env_float("ERASER_CLUSTER_LEASE_WAIT", 60.0))
+    # The reconciler retries a request that failed for a transient reason (a job lost or timed out, S3
+    # unreachable) up to max_attempts times in all, waiting retry_backoff_s * 2**attempt (at most
+    # retry_backoff_max_s) before each retry; a guard's or verifier's refusal is final.
+    max_attempts: int = field(default_factory=lambda: _env_int("ERASER_CLUSTER_MAX_ATTEMPTS", 3))
+    retry_backoff_s: float = field(default_factory=lambda: _env_float("ERASER_CLUSTER_RETRY_BACKOFF", 10.0))
+    retry_backoff_max_s: float = 600.0
 
     def __post_init__(self) -> None:
+        if not self.lease_ttl_s > 0:
+            raise ClusterError(f"lease_ttl_s must be > 0, got {self.lease_ttl_s!r}")
+        if self.lease_wait_s < 0:
+            raise ClusterError(f"lease_wait_s must be >= 0, got {self.lease_wait_s!r}")
+        if self.max_attempts < 1:
+            raise ClusterError(f"max_attempts must be >= 1, got {self.max_attempts!r}")
+        if self.retry_backoff_s < 0 or self.retry_backoff_max_s < 0:
+            raise ClusterError(f"retry_backoff_s and retry_backoff_max_s must be >= 0, got "
+                               f"{self.retry_backoff_s!r}, {self.retry_backoff_max_s!r}")
         if self.solve is not None:
             object.__setattr__(self, "pipeline", replace(self.pipeline, solve=self.solve))
         if self.max_batch < 1:
@@ -83,4 +116,6 @@ class CoordinatorOptions:
 
     def to_dict(self) -> dict:
         return {"pipeline": self.pipeline.to_dict(), "max_batch": self.max_batch,
-                "purge_grace_seconds": self.purge_grace_seconds, "warm_curvature": self.warm_curvature}
+                "purge_grace_seconds": self.purge_grace_seconds, "warm_curvature": self.warm_curvature,
+                "lease_ttl_s": self.lease_ttl_s, "lease_wait_s": self.lease_wait_s, "max_attempts": self.max_attempts,
+                "retry_backoff_s": self.retry_backoff_s}

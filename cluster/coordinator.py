@@ -1,4 +1,4 @@
-"""The per-tenant erasure coordinator: the only writer of a tenant's HEAD (DESIGN.md, flow steps 2-6).
+"""The per-tenant erasure coordinator: the only writer of a tenant's HEAD (docs/architecture.md#the-erasure-flow).
 
 One coordinator per tenant serialises that tenant's erasures (a lock here, one named Ray actor per
 tenant in :mod:`cluster.actors`); different tenants run in parallel. A round:
@@ -27,11 +27,13 @@ import logging
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from tenants.errors import ConflictError, HeadConflictError, InvalidTransitionError, TenantError
+from tenants.errors import ConflictError, HeadConflictError, InvalidTransitionError, LeaseLostError, TenantError
+from tenants.lease import TenantLease
 from tenants.models import AdapterManifest, ErasureRequest, Head, Receipt, ReceiptStatus, Record
 from tenants.store import TenantStore
 
@@ -58,7 +60,7 @@ class BatchReport:
     """What one round did (for logs and the batch summary)."""
 
     request_ids: list[str] = field(default_factory=list)
-    status: str = ""  # published | failed | requeued | skipped (taken by another round)
+    status: str = ""  # published | failed | requeued | skipped (taken by another round) | fenced (lease lost)
     adapter_version: str | None = None
     error: str | None = None
 
@@ -85,6 +87,24 @@ class ErasureCoordinator:
         self.batches: list[BatchReport] = []
         # HEAD's warmed curvature: ((adapter, data) versions it was built on, the runner's handle to it).
         self._curvature: tuple[tuple[str, str], Any] | None = None
+        # The tenant's lease in S3: held while this coordinator works, so a second one waits or refuses.
+        self.lease = TenantLease(store, tenant, ttl_s=self.options.lease_ttl_s, wait_s=self.options.lease_wait_s)
+        self._lease_depth = 0
+
+    @contextmanager
+    def _leased(self) -> Iterator[int]:
+        """Hold the tenant's lease (re-entrant; under the round lock): acquired on the way in (waiting up
+        to ``lease_wait_s``, then LeaseHeldError), released on the way out of the outermost use."""
+        with self._lock:
+            if self._lease_depth == 0:
+                self.lease.acquire()
+            self._lease_depth += 1
+            try:
+                yield self.lease.token
+            finally:
+                self._lease_depth -= 1
+                if self._lease_depth == 0:
+                    self.lease.release()
 
     # ============================================================ public
     def submit(self, request: ErasureRequest | Receipt | dict) -> Receipt:
@@ -102,8 +122,8 @@ class ErasureCoordinator:
         return receipt
 
     def run_until_idle(self, max_rounds: int | None = None) -> list[BatchReport]:
-        """Recover, then run batches until nothing is pending; then purge what is due."""
-        with self._lock:
+        """Recover, then run batches until nothing is pending; then purge what is due. Holds the lease."""
+        with self._leased():
             reports: list[BatchReport] = []
             self.recover()
             rounds = 0
@@ -113,6 +133,8 @@ class ErasureCoordinator:
                     break
                 reports.append(report)
                 rounds += 1
+                if report.status == "fenced":
+                    return reports
             self.purge_due()
             return reports
 
@@ -163,7 +185,7 @@ class ErasureCoordinator:
 
     def run_once(self) -> BatchReport | None:
         """One batch of pending requests, or None when nothing is pending (or nothing can run)."""
-        with self._lock:
+        with self._leased():
             plan = self._plan()
             if plan is None:
                 return None
@@ -175,7 +197,7 @@ class ErasureCoordinator:
     def onboard(self, data_version: str | None = None) -> str:
         """Train the tenant's first adapter (a training job) on ``data_version`` (default: the newest),
         publish it as the first adapter version and create HEAD. Returns the adapter version."""
-        with self._lock:
+        with self._leased():
             head, _ = self.store.get_head(self.tenant)
             if head is not None:
                 raise AlreadyOnboardedError(f"tenant {self.tenant!r} already has HEAD (adapter {head.adapter}); "
@@ -202,7 +224,7 @@ class ErasureCoordinator:
                                "stages": body.get("stages")},
                 )
                 version = self.store.publish_adapter(self.tenant, result.adapter_dir, manifest)
-            head = Head(adapter=version, data=data_version)
+            head = Head(adapter=version, data=data_version, lease_token=self.lease.check())
             self.store.move_head(self.tenant, head, None)
             logger.info("tenant %s onboarded: adapter %s on data %s (%.1fs)", self.tenant, version, data_version,
                         time.perf_counter() - started)
@@ -211,7 +233,7 @@ class ErasureCoordinator:
 
     def purge_due(self) -> list[dict]:
         """Purge superseded versions whose erasures were published more than the grace period ago."""
-        with self._lock:
+        with self._leased():
             head, _ = self.store.get_head(self.tenant)
             if head is None:
                 return []
@@ -244,8 +266,11 @@ class ErasureCoordinator:
         points at (a descendant of) that version the receipt is just marked published; if HEAD still
         points at the version's parent, HEAD is moved now (compare-and-swap). Otherwise the request
         goes back to pending and runs again from the current HEAD.
+
+        Runs under the tenant's lease: a receipt left ``running`` was left by a coordinator whose lease
+        lapsed or was released (a live one would still hold the lease), so taking it over is safe.
         """
-        with self._lock:
+        with self._leased():
             running = self.store.list_receipts(self.tenant, ReceiptStatus.running)
             if not running:
                 return []
@@ -259,7 +284,8 @@ class ErasureCoordinator:
                     live = self._lineage(head.adapter, manifests)
                     if owner not in live and head.adapter == manifest.parent_version and manifest.data_version:
                         try:
-                            self.store.move_head(self.tenant, Head(adapter=owner, data=manifest.data_version), etag)
+                            self.store.move_head(self.tenant, Head(adapter=owner, data=manifest.data_version,
+                                                                   lease_token=self.lease.check()), etag)
                             head = Head(adapter=owner, data=manifest.data_version)
                             live = self._lineage(owner, manifests)
                             logger.info("tenant %s: recovery moved HEAD to %s for %s", self.tenant, owner,
@@ -294,6 +320,7 @@ class ErasureCoordinator:
         if not pending:
             return None
         head, etag = self.store.get_head(self.tenant)
+        self._check_fence(head)
         if head is None:
             error = f"tenant {self.tenant!r} has no live adapter yet (HEAD not set): onboard it first"
             for receipt in pending:
@@ -352,11 +379,12 @@ class ErasureCoordinator:
             selections={p.receipt.request_id: tuple(p.edits) for p in batch}, pipeline=self.options.pipeline,
             job_id=uuid.uuid4().hex[:8], heartbeat_dir=self.heartbeat_dir, curvature=self._warmed(head),
         )
-        head_moved = False
+        progress: dict[str, Any] = {}  # "moving": HEAD's write was attempted; "head": HEAD is moved (live)
+        stages: dict[str, Any] = {}
         try:
             try:
                 result = self.runner.run_erasure_job(job)
-            except Exception as error:  # JobFailedError, or anything the runner could not contain
+            except Exception as error:  # JobFailedError (a timeout included), or anything the runner could not contain
                 return self._fail(batch, report, f"erasure job failed: {error}", {"job_s": time.perf_counter() - started})
             with result:
                 stages = dict(result.body.get("stages") or {})
@@ -364,25 +392,47 @@ class ErasureCoordinator:
                     return self._fail(batch, report, result.error or "erasure job gave no adapter", stages,
                                       checks=result.body.get("checks") or {}, solver=result.body.get("solver") or {})
                 mark = time.perf_counter()
-                new_head = self._publish(head, etag, records, batch, result, stages)
-                head_moved = True
-                self._warmed(new_head)  # drops the superseded version's curvature
+                self._publish(head, etag, records, batch, result, stages, progress)
                 stages["publish_s"] = time.perf_counter() - mark
-        except HeadConflictError as error:
-            return self._requeue_or_fail(batch, report, error)
         except Exception as error:
-            if head_moved:  # live already: leave 'running' for recovery to complete, never 'failed'
-                logger.exception("tenant %s: batch %s published but not recorded; recovery completes it", self.tenant, ids)
-                raise
-            return self._fail(batch, report, f"publishing failed: {error}", {"job_s": time.perf_counter() - started})
+            if progress.get("moving") and "head" not in progress:
+                progress.update(self._head_after_ambiguous_move(progress["moving"]))
+            if "unknown" in progress:  # cannot tell whether HEAD moved: never say failed; recovery decides
+                logger.error("tenant %s: batch %s: HEAD move outcome unknown (%s); left running for recovery",
+                             self.tenant, ids, error)
+                report.status, report.error = "unknown", f"publish outcome unknown: {error}"
+                return report
+            if "head" not in progress:
+                if isinstance(error, LeaseLostError):
+                    return self._fenced(report, error)
+                if isinstance(error, HeadConflictError):
+                    return self._requeue_or_fail(batch, report, error)
+                return self._fail(batch, report, f"publishing failed: {error}", {"job_s": time.perf_counter() - started})
+            # Live already: the receipts must say published, never failed. Complete them now by recovery
+            # (it marks 'running' receipts whose adapter version is live); if that fails too, the next
+            # round's (or the reconciler's) recovery does.
+            logger.warning("tenant %s: batch %s is live as %s but its receipts were not all recorded (%s); "
+                           "completing them by recovery", self.tenant, ids, progress["head"].adapter, error)
+            report.error = f"published; receipts completed by recovery after: {error}"
+            try:
+                self.recover()
+            except Exception as again:  # noqa: BLE001 (the next recovery completes them)
+                logger.warning("tenant %s: recovery of batch %s failed too (retried next round): %s", self.tenant,
+                               ids, again)
+        new_head = progress["head"]
+        self._warmed(new_head)  # drops the superseded version's curvature
 
         mark = time.perf_counter()
         switched = self._notify(new_head, ids)
         stages["notify_s"] = time.perf_counter() - mark
         stages["total_s"] = time.perf_counter() - started
         for planned in batch:
-            self._update(planned.receipt.request_id, lambda r, s=dict(stages), w=switched: r.update(
-                stages={**r.stages, **s}, **({"replicas_switched_at": w} if w else {})))
+            try:
+                self._update(planned.receipt.request_id, lambda r, s=dict(stages), w=switched: r.update(
+                    stages={**r.stages, **s}, **({"replicas_switched_at": w} if w else {})))
+            except TenantError as error:  # evidence only: the receipt's status is already right
+                logger.warning("tenant %s: could not record the stages of %s: %s", self.tenant,
+                               planned.receipt.request_id, error)
         mark = time.perf_counter()
         self.purge_due()
         logger.info("tenant %s: batch %s published as adapter %s / data %s in %.1fs (purge %.1fs)", self.tenant, ids,
@@ -391,10 +441,15 @@ class ErasureCoordinator:
         return report
 
     def _publish(self, head: Head, etag: str, records: list[Record], batch: list[_Planned], result: JobResult,
-                 stages: dict) -> Head:
-        """Data version k+1, adapter version k+1, then HEAD (the commit point), then the receipts."""
+                 stages: dict, progress: dict[str, Any]) -> Head:
+        """Data version k+1, adapter version k+1, then HEAD (the commit point), then the receipts.
+
+        ``progress`` says how far it got: ``moving`` (the new HEAD) once HEAD's write is attempted, ``head``
+        once HEAD is moved: from then on the batch is live, whatever fails after.
+        """
         ids = [p.receipt.request_id for p in batch]
         body = result.body
+        self.lease.check()  # a coordinator whose lease lapsed during the job writes nothing
         data_version = self._find_data_version(head.data, ids) or self.store.put_dataset(
             self.tenant, self._records_after(records, batch), parent=head.data, request_ids=ids)
         for planned in batch:
@@ -409,14 +464,28 @@ class ErasureCoordinator:
         adapter_version = self.store.publish_adapter(self.tenant, result.adapter_dir, manifest)
         for planned in batch:
             self._update(planned.receipt.request_id, lambda r: r.update(new_adapter_version=adapter_version))
-        new_head = Head(adapter=adapter_version, data=data_version)
+        new_head = Head(adapter=adapter_version, data=data_version, lease_token=self.lease.check())
+        progress["moving"] = new_head
         self.store.move_head(self.tenant, new_head, etag)  # the commit point: from here it is live
+        progress["head"] = new_head
         for planned in batch:
             self._update(planned.receipt.request_id, lambda r: r.transition(
                 ReceiptStatus.published, new_adapter_version=adapter_version, new_data_version=data_version,
                 solver=body.get("solver") or {}, checks=body.get("checks") or {}, path=body.get("path"),
-                stages={**r.stages, **stages}))
+                stages={**r.stages, **stages}, error=None))
         return new_head
+
+    def _head_after_ambiguous_move(self, new_head: Head) -> dict[str, Any]:
+        """After HEAD's write raised: {"head": new_head} if HEAD holds it (the write went through), {} if
+        not, {"unknown": True} if HEAD cannot be read."""
+        try:
+            current, _ = self.store.get_head(self.tenant)
+        except Exception as error:  # noqa: BLE001
+            logger.warning("tenant %s: cannot read HEAD after a failed move: %s", self.tenant, error)
+            return {"unknown": True}
+        if current is not None and (current.adapter, current.data) == (new_head.adapter, new_head.data):
+            return {"head": new_head}
+        return {}
 
     def _find_data_version(self, parent: str, request_ids: list[str]) -> str | None:
         """A data version an interrupted run of this very batch already committed (reused, not duplicated)."""
@@ -435,7 +504,31 @@ class ErasureCoordinator:
 
     # ============================================================ receipts and hooks
     def _update(self, request_id: str, change: Callable[[Receipt], Any]) -> Receipt:
-        return self.store.update_receipt(self.tenant, request_id, change)
+        """Change a receipt under the lease: the fencing token goes with it, and a receipt a newer holder
+        (higher token) already changed is not touched (LeaseLostError)."""
+        token = self.lease.token
+
+        def fenced(receipt: Receipt) -> None:
+            if token is not None and receipt.lease_token is not None and receipt.lease_token > token:
+                raise LeaseLostError(f"tenant {self.tenant!r}: request {request_id!r} is owned by a newer coordinator "
+                                     f"(lease token {receipt.lease_token} > {token})")
+            change(receipt)
+            if token is not None:
+                receipt.lease_token = token
+
+        return self.store.update_receipt(self.tenant, request_id, fenced)
+
+    def _check_fence(self, head: Head | None) -> None:
+        token = self.lease.token
+        if head is not None and token is not None and head.lease_token is not None and head.lease_token > token:
+            raise LeaseLostError(f"tenant {self.tenant!r}: HEAD was moved by a newer coordinator "
+                                 f"(lease token {head.lease_token} > {token})")
+
+    def _fenced(self, report: BatchReport, error: Exception) -> BatchReport:
+        """This coordinator lost its lease mid-batch: it writes nothing more (the new holder owns the work)."""
+        logger.error("tenant %s: batch %s abandoned, the lease was lost: %s", self.tenant, report.request_ids, error)
+        report.status, report.error = "fenced", str(error)
+        return report
 
     def _fail(self, batch: list[_Planned], report: BatchReport, error: str, stages: dict,
               checks: dict | None = None, solver: dict | None = None) -> BatchReport:

@@ -22,6 +22,7 @@ import abc
 import logging
 import shutil
 import tempfile
+import threading
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -29,7 +30,7 @@ from typing import Any, Callable
 
 from eraser.influence import Shard
 
-from cluster.config import RunnerSpec
+from cluster.config import CALL_TIMEOUT_S, RunnerSpec
 from cluster.errors import JobFailedError
 from cluster.jobs import (
     CurvatureJob,
@@ -133,7 +134,7 @@ def _resolved(job: Any) -> Any:
     import ray
 
     if isinstance(job, ErasureJob) and isinstance(job.curvature, ray.ObjectRef):
-        return replace(job, curvature=ray.get(job.curvature))
+        return replace(job, curvature=ray.get(job.curvature, timeout=CALL_TIMEOUT_S))
     return job
 
 
@@ -226,7 +227,9 @@ class RayTrainJobRunner(JobRunner):
         workdir = Path(tempfile.mkdtemp(prefix="eraser-job-"))
         try:
             try:
-                result = trainer.fit()
+                result = _fit_within(trainer, spec.job_timeout_s, name, job.tenant)
+            except JobFailedError:
+                raise
             except Exception as error:  # TrainingFailedError and friends: workers lost, retries spent
                 raise JobFailedError(f"Ray Train run {name} of tenant {job.tenant!r} failed "
                                      f"(max_failures={spec.max_failures}): {_first_line(error)}") from error
@@ -291,12 +294,40 @@ class RayTaskJobRunner(JobRunner):
             name=f"{what}-{job.tenant}-{job.job_id or uuid.uuid4().hex[:8]}")
         logger.info("tenant %s: %s job %s as a Ray task (1 worker, max_failures %d)", job.tenant, what, job.job_id,
                     spec.max_failures)
+        ref = task.remote(job)
         try:
-            files = ray.get(task.remote(job))
+            files = ray.get(ref, timeout=spec.job_timeout_s)
+        except ray.exceptions.GetTimeoutError as error:
+            ray.cancel(ref, force=True)  # frees the worker; a retry of the job starts afresh
+            raise JobFailedError(f"the {what} job of tenant {job.tenant!r} timed out after {spec.job_timeout_s:g} s "
+                                 "(RunnerSpec.job_timeout_s, ERASER_CLUSTER_JOB_TIMEOUT); its Ray task was cancelled"
+                                 ) from error
         except Exception as error:  # the worker died (retries spent) or the job raised
             raise JobFailedError(f"Ray task for the {what} job of tenant {job.tenant!r} failed "
                                  f"(max_failures={spec.max_failures}): {_first_line(error)}") from error
         return _collect(lambda workdir: _unpack(files, workdir))
+
+
+def _fit_within(trainer: Any, timeout_s: float, name: str, tenant: str) -> Any:
+    """``trainer.fit()``, waited on for at most ``timeout_s`` (fit has no timeout of its own). On a timeout
+    the run is abandoned (JobFailedError); Train tears its workers down when the driver's run ends."""
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as error:  # noqa: BLE001 (handed to the waiting thread)
+            outcome["error"] = error
+
+    thread = threading.Thread(target=fit, daemon=True, name=f"fit-{name}")
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise JobFailedError(f"Ray Train run {name} of tenant {tenant!r} timed out after {timeout_s:g} s "
+                             "(RunnerSpec.job_timeout_s, ERASER_CLUSTER_JOB_TIMEOUT); the run was abandoned")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def _unpack(files: dict[str, bytes], directory: Path) -> None:

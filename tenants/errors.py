@@ -85,3 +85,11 @@ class StoreError(TenantError):
 
 class EmbeddedServerError(TenantError):
     """The embedded SeaweedFS server could not be found, started or reached."""
+
+
+class LeaseHeldError(TenantError):
+    """Another coordinator holds the tenant's lease (it has not expired): this one waits or refuses."""
+
+
+class LeaseLostError(TenantError):
+    """This coordinator's lease expired and another took it over (a higher fencing token): stop writing."""

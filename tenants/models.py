@@ -374,6 +374,10 @@ class Receipt(_Model):
     purged: list[PurgeEntry] = Field(default_factory=list, description="superseded versions deleted and when")
     replicas_switched_at: datetime | None = Field(None, description="when every serving replica dropped the old adapter")
     error: str | None = Field(None, description="why it failed or was rejected")
+    lease_token: int | None = Field(
+        None, description="fencing token of the coordinator lease under which the receipt last changed")
+    attempts: list[dict[str, Any]] = Field(
+        default_factory=list, description="failed attempts retried by the reconciler: {at, error, retry_at}")
 
     _etag: str | None = PrivateAttr(None)
 
@@ -527,6 +531,7 @@ class Head(_Model):
     def _adapter(cls, value: str) -> str:
         return validate_adapter_version(value)
 
+    lease_token: int | None = Field(None, description="fencing token of the coordinator lease that moved HEAD")
     @field_validator("data")
     @classmethod
     def _data(cls, value: str) -> str:

@@ -1,4 +1,4 @@
-"""The only place S3 keys are built. Layout (DESIGN.md, bucket and prefix configurable):
+"""The only place S3 keys are built. Layout (docs/architecture.md#s3-layout; bucket and prefix configurable):
 
     <prefix>/models/<base-model-name>/...              base model (HF format)
     <prefix>/tenants/<t>/tenant.json                   recipe and API key hashes
@@ -35,6 +35,7 @@ MODEL_PART_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 ADAPTER_VERSION_DIGITS = 6
 TENANT_FILE = "tenant.json"
 HEAD_FILE = "HEAD.json"
+LEASE_FILE = "LEASE.json"  # the coordinator lease of a tenant (tenants.lease)
 ADAPTER_MANIFEST = "eraser.json"
 DATA_MANIFEST = "dataset.json"
 MODEL_MANIFEST = "eraser-model.json"
@@ -155,6 +156,9 @@ class S3Layout:
 
     def head(self, tenant: str) -> str:
         return self.tenant_dir(tenant) + HEAD_FILE
+
+    def lease(self, tenant: str) -> str:
+        return self.tenant_dir(tenant) + LEASE_FILE
 
     def data_root(self, tenant: str) -> str:
         return self.tenant_dir(tenant) + "data/"
