@@ -525,13 +525,13 @@ class Head(_Model):
     adapter: str = Field(description="live adapter version")
     data: str = Field(description="live data version (the records the adapter reflects)")
     updated_at: datetime | None = Field(None, description="when HEAD was moved (makes every HEAD.json distinct)")
+    lease_token: int | None = Field(None, description="fencing token of the coordinator lease that moved HEAD")
 
     @field_validator("adapter")
     @classmethod
     def _adapter(cls, value: str) -> str:
         return validate_adapter_version(value)
 
-    lease_token: int | None = Field(None, description="fencing token of the coordinator lease that moved HEAD")
     @field_validator("data")
     @classmethod
     def _data(cls, value: str) -> str:
