@@ -35,6 +35,9 @@ class AdapterBoard:
         self._reports: dict[tuple[str, str], dict[str, Any]] = {}  # (tenant, replica) -> SwitchEvent dict
         self._changed = asyncio.Condition()
         self._reported = asyncio.Condition()
+        self._key_epoch = 0
+        self._revoked: list[tuple[int, str, str]] = []  # (epoch, tenant, key id)
+        self._keys_changed = asyncio.Event()  # replaced at each revocation (no lock: nothing to deadlock on cancel)
 
     # -- engine replicas ----------------------------------------------------------------------
 
@@ -71,6 +74,34 @@ class AdapterBoard:
         self._seen.pop(replica, None)
         async with self._reported:
             self._reported.notify_all()
+
+    # -- ingress replicas: API key revocations ---------------------------------------------
+
+    async def revoke_key(self, tenant: str, key_id: str) -> int:
+        """Tell every ingress replica to forget a key it trusts (already removed from the store)."""
+        self._key_epoch += 1
+        self._revoked.append((self._key_epoch, tenant, key_id))
+        del self._revoked[:-MAX_CHANGES]
+        changed, self._keys_changed = self._keys_changed, asyncio.Event()
+        changed.set()
+        logger.info("tenant %s: API key %s revoked; ingress replicas told (epoch %d)", tenant, key_id, self._key_epoch)
+        return self._key_epoch
+
+    async def watch_keys(self, since: int, timeout_s: float | None = None) -> tuple[int, list[list[str]]]:
+        """Wait for revocations after epoch ``since`` (or the timeout); returns (epoch, [[tenant, key id]]).
+
+        ``since=-1`` returns the current epoch at once; ``[["*", "*"]]``: forget every key (fell behind).
+        """
+        if 0 <= since and self._key_epoch <= since:
+            try:
+                await asyncio.wait_for(self._keys_changed.wait(), timeout_s or self.watch_timeout_s)
+            except asyncio.TimeoutError:
+                pass
+        if since < 0 or self._key_epoch <= since:
+            return self._key_epoch, []
+        if self._revoked and self._revoked[0][0] > since + 1:
+            return self._key_epoch, [[ALL, ALL]]
+        return self._key_epoch, [[tenant, key_id] for epoch, tenant, key_id in self._revoked if epoch > since]
 
     # -- whoever moved HEAD -------------------------------------------------------------------
 

@@ -112,7 +112,15 @@ class ServeConfig(BaseSettings):
         10_000, ge=1, description="most record ids (or subjects) one erasure request may select (400 beyond)"
     )
     auth_cache_s: float = Field(
-        30.0, ge=0, description="a verified API key is trusted this long before it is checked again (revocation delay)"
+        30.0, ge=0, description="a verified API key is trusted this long before it is checked again (a revocation "
+        "through the admin route reaches every ingress replica at once; one made elsewhere waits this long)"
+    )
+    auth_negative_cache_s: float = Field(
+        60.0, ge=0, description="a key that failed verification is refused this long without another S3 read and scrypt"
+    )
+    auth_failures_per_minute: int = Field(
+        20, ge=1, description="failed API key attempts one client address may make per minute; beyond, keys not "
+        "already trusted get 429 without being checked"
     )
     erasure_backend: str | None = Field(
         None,

@@ -8,6 +8,7 @@ Errors always have OpenAI's shape ``{"error": {"message", "type", "param", "code
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import json
 import logging
@@ -23,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve import metrics
 from serve.backend import BackendContext, load_backend
-from serve.board import SwitchNotifier
+from serve.board import ALL, SwitchNotifier
 from serve.config import ServeConfig
 from serve.engine import Completion
 from serve.protocol import (
@@ -284,6 +285,16 @@ def _import_records(body: dict[str, Any], field: str) -> list:
         raise ApiError(400, str(error), "invalid_records", field) from None
 
 
+def _key_id(api_key: str) -> str | None:
+    from tenants.errors import AuthError
+    from tenants.keys import parse_key
+
+    try:
+        return parse_key(api_key).key_id
+    except AuthError:  # ERASER_ADMIN_KEY may have any form
+        return None
+
+
 def _sse(data: dict[str, Any]) -> bytes:
     return f"data: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
@@ -303,34 +314,109 @@ class Ingress:
         self.backend = load_backend(config.erasure_backend,
                                     BackendContext(store_settings=settings, notify_switch=self.notifier,
                                                    app_name=config.app_name))
-        self._auth: dict[str, tuple[str, float]] = {}  # sha256(key) -> (principal, expiry)
+        self._auth: dict[str, tuple[str, float, str | None]] = {}  # sha256(key) -> (principal, expiry, key id)
+        self._failed: dict[str, float] = {}  # sha256(key) -> refused without a check until then
+        self._failures: dict[str, collections.deque] = {}  # client address -> times of its failed keys
+        self._key_epoch: int | None = None  # the board's revocation epoch seen; None: not watching
+        self._revocation_watcher: asyncio.Task | None = None
         logger.info("ingress ready: store %s, backend %s", settings.describe(), type(self.backend).__name__)
 
     # -- auth ---------------------------------------------------------------------------------
 
-    async def _principal(self, key: str) -> str | None:
-        """'tenant:<name>' or 'admin' for a valid key, None otherwise (cached for auth_cache_s)."""
+    async def _principal(self, request: Request) -> str | None:
+        """'tenant:<name>' or 'admin' for the request's valid key, None otherwise.
+
+        A verified key is trusted for ``auth_cache_s`` (dropped at once when the board reports its
+        revocation); a failed one is refused for ``auth_negative_cache_s`` without an S3 read or a
+        scrypt; a client address past ``auth_failures_per_minute`` failures gets 429 for any key not
+        already trusted.
+        """
         from tenants.errors import AuthError, TenantError
 
+        key = _bearer(request)
+        client = request.client.host if request.client else "?"
         digest = hashlib.sha256(key.encode()).hexdigest()
+        now = time.monotonic()
         cached = self._auth.get(digest)
-        if cached is not None and cached[1] > time.monotonic():
+        if cached is not None and cached[1] > now:
             return cached[0]
+        self._watch_revocations()
+        if self._failed.get(digest, 0.0) > now:
+            self._count_failure(client, now)
+            return None
+        failures = self._failures.get(client)
+        if failures and len(failures) >= self.config.auth_failures_per_minute and now - failures[0] < 60.0:
+            retry = max(1, int(60.0 - (now - failures[0])) + 1)
+            raise ApiError(429, f"too many failed API key attempts from this address; retry in {retry} s",
+                           "too_many_failed_keys")
+        epoch = self._key_epoch
         try:
             principal = f"tenant:{await asyncio.to_thread(self.store.authenticate, key)}"
         except AuthError:
             principal = "admin" if await asyncio.to_thread(self.store.verify_admin, key) else None
         except TenantError as error:
             raise tenant_error(error) from None
-        if principal is not None and self.config.auth_cache_s > 0:
+        if principal is None:
+            self._count_failure(client, now)
+            if self.config.auth_negative_cache_s > 0:
+                if len(self._failed) > 100_000:
+                    self._failed.clear()
+                self._failed[digest] = now + self.config.auth_negative_cache_s
+            return None
+        # trusted only while revocations are being watched, and none came in during the check
+        if self.config.auth_cache_s > 0 and epoch is not None and epoch == self._key_epoch:
             if len(self._auth) > 10_000:
                 self._auth.clear()
-            self._auth[digest] = (principal, time.monotonic() + self.config.auth_cache_s)
+            self._auth[digest] = (principal, now + self.config.auth_cache_s, _key_id(key))
         return principal
+
+    def _count_failure(self, client: str, now: float) -> None:
+        failures = self._failures.setdefault(client, collections.deque())
+        while failures and now - failures[0] >= 60.0:
+            failures.popleft()
+        failures.append(now)
+        while len(failures) > self.config.auth_failures_per_minute:
+            failures.popleft()
+        if len(self._failures) > 100_000:
+            self._failures.clear()
+
+    def _watch_revocations(self) -> None:
+        """Start the long-poll of the board's key revocations (once, on this replica's event loop)."""
+        if self._revocation_watcher is None or self._revocation_watcher.done():
+            self._revocation_watcher = asyncio.get_running_loop().create_task(self._revocations())
+
+    async def _revocations(self) -> None:
+        since = -1
+        while True:
+            try:
+                epoch, revoked = await self.board.watch_keys.remote(since)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # no board: nothing is trusted without a check until it is back
+                logger.warning("ingress: adapter board unreachable for key revocations (%s)", error)
+                self._key_epoch, since = None, -1
+                self._auth.clear()
+                await asyncio.sleep(1.0)
+                continue
+            self._forget(revoked)
+            self._key_epoch = since = epoch
+
+    def _forget(self, revoked: list[list[str]]) -> None:
+        """Drop trusted keys that were revoked (``["*", "*"]``: all of them)."""
+        for tenant, key_id in revoked:
+            for digest, (principal, _, cached_key) in list(self._auth.items()):
+                if tenant == ALL or (principal == f"tenant:{tenant}" and cached_key == key_id):
+                    self._auth.pop(digest, None)
+        if revoked:
+            logger.info("ingress: forgot %d revoked API key(s)", len(revoked))
+
+    async def __del__(self) -> None:
+        if self._revocation_watcher is not None:
+            self._revocation_watcher.cancel()
 
     async def _tenant_key(self, request: Request) -> str:
         """The tenant of the request's key (401 for no key, a bad key, or the admin key)."""
-        principal = await self._principal(_bearer(request))
+        principal = await self._principal(request)
         if principal is None:
             raise ApiError(401, "invalid API key", "invalid_api_key")
         if principal == "admin":
@@ -339,7 +425,7 @@ class Ingress:
 
     async def _allow_tenant(self, request: Request, tenant: str) -> str:
         """'tenant' or 'admin' when the key may act on ``tenant``: 401 bad key, 403 another tenant's."""
-        principal = await self._principal(_bearer(request))
+        principal = await self._principal(request)
         if principal is None:
             raise ApiError(401, "invalid API key", "invalid_api_key")
         if principal == "admin":
@@ -349,7 +435,7 @@ class Ingress:
         return "tenant"
 
     async def _admin(self, request: Request) -> None:
-        principal = await self._principal(_bearer(request))
+        principal = await self._principal(request)
         if principal is None:
             raise ApiError(401, "invalid API key", "invalid_api_key")
         if principal != "admin":
@@ -558,6 +644,22 @@ class Ingress:
         await self._admin(request)
         return JSONResponse({"tenant": tenant, "api_key": await self._store("issue_key", tenant, "issued by admin")},
                             status_code=201)
+
+    @app.delete("/v1/admin/tenants/{tenant}/keys/{key_id}")
+    async def admin_revoke_key(self, tenant: str, key_id: str, request: Request) -> dict[str, Any]:
+        """Revoke a tenant's key: removed from the store, then forgotten by every ingress replica (the
+        board tells them at once; a replica that cannot reach the board trusts no key without a check)."""
+        await self._admin(request)
+        if not await self._store("revoke_key", tenant, key_id):
+            raise ApiError(404, f"tenant {tenant!r} has no API key {key_id!r}", "key_not_found", "key_id")
+        self._forget([[tenant, key_id]])
+        try:
+            epoch = await self.board.revoke_key.remote(tenant, key_id)
+        except Exception as error:  # replicas' caches expire within auth_cache_s
+            logger.warning("tenant=%s key %s revoked in the store; replicas not told: %s", tenant, key_id, error)
+            epoch = None
+        logger.info("tenant=%s API key %s revoked", tenant, key_id)
+        return {"tenant": tenant, "key_id": key_id, "revoked": True, "replicas_told": epoch is not None}
 
     @app.post("/v1/admin/tenants/{tenant}/records")
     async def admin_upload_records(self, tenant: str, request: Request) -> JSONResponse:

@@ -93,20 +93,25 @@ class LocalService:
         for _ in range(self._replicas):
             ingress = Ingress(self.config, LocalHandle(server), LocalHandle(self.board))
             self.ingresses.append(ingress)
-            transport = httpx.ASGITransport(app=bind(ingress), raise_app_exceptions=False,
-                                            client=("203.0.113.7", 50000))
-            self.clients.append(httpx.AsyncClient(transport=transport, base_url="http://ingress"))
+            self.client(len(self.ingresses) - 1)
         return self
+
+    def client(self, replica: int = 0, host: str = "203.0.113.7") -> httpx.AsyncClient:
+        """An HTTP client of ingress replica ``replica``, calling from address ``host``."""
+        transport = httpx.ASGITransport(app=bind(self.ingresses[replica]), raise_app_exceptions=False,
+                                        client=(host, 50000))
+        client = httpx.AsyncClient(transport=transport, base_url="http://ingress")
+        self.clients.append(client)
+        return client
 
     async def close(self) -> None:
         for client in self.clients:
             await client.aclose()
         for ingress in self.ingresses:
-            closing = getattr(ingress, "close", None)
-            if closing is not None:
-                await closing()
+            await ingress.__del__()
         await self.engine.registry.stop()
 
     @property
     def http(self) -> httpx.AsyncClient:
+        """The client of replica 0 (made first)."""
         return self.clients[0]
