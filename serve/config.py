@@ -108,6 +108,10 @@ class ServeConfig(BaseSettings):
         256 << 20, ge=1024, description="largest records upload accepted on the admin route (413 beyond)"
     )
     max_tokens_limit: int = Field(1024, ge=1, description="largest max_tokens a request may ask for")
+    max_concurrent_per_tenant: int = Field(
+        16, ge=1, description="generations one tenant may have in flight per ingress replica (429 beyond), so one "
+        "tenant cannot fill every engine replica's queue (max_ongoing_requests) for the others"
+    )
     max_erasure_ids: int = Field(
         10_000, ge=1, description="most record ids (or subjects) one erasure request may select (400 beyond)"
     )

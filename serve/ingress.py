@@ -319,6 +319,7 @@ class Ingress:
         self._failures: dict[str, collections.deque] = {}  # client address -> times of its failed keys
         self._key_epoch: int | None = None  # the board's revocation epoch seen; None: not watching
         self._revocation_watcher: asyncio.Task | None = None
+        self._running: dict[str, int] = {}  # tenant -> generations in flight on this replica
         logger.info("ingress ready: store %s, backend %s", settings.describe(), type(self.backend).__name__)
 
     # -- auth ---------------------------------------------------------------------------------
@@ -479,7 +480,7 @@ class Ingress:
         body = parse(CompletionRequest, await read_json(request, self.config.max_body_bytes))
         self._own_model(tenant, body.model)
         job = self._job(request, tenant, body, body.max_tokens, prompt=body.prompt_input())
-        return await self._respond(request, job, body, "completions", started)
+        return await self._admitted(request, job, body, "completions", started)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
@@ -488,7 +489,34 @@ class Ingress:
         body = parse(ChatCompletionRequest, await read_json(request, self.config.max_body_bytes))
         self._own_model(tenant, body.model)
         job = self._job(request, tenant, body, body.requested_tokens(), messages=body.template_messages())
-        return await self._respond(request, job, body, "chat", started)
+        return await self._admitted(request, job, body, "chat", started)
+
+    async def _admitted(self, request: Request, job: dict[str, Any], body, route: str, started: float):
+        """``_respond`` within the tenant's share of this replica: at most ``max_concurrent_per_tenant``
+        generations at once (429 beyond), so one tenant cannot fill the engine queues for all."""
+        tenant, limit = job["tenant"], self.config.max_concurrent_per_tenant
+        running = self._running.get(tenant, 0)
+        if running >= limit:
+            metrics.request_done(tenant, route, 429, time.perf_counter() - started)
+            raise ApiError(429, f"model {tenant!r} has {running} requests running on this replica, its limit; "
+                           "retry later", "tenant_concurrency_limit")
+        self._running[tenant] = running + 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._running[tenant] -= 1
+
+        try:
+            response = await self._respond(request, job, body, route, started, release)
+        except BaseException:
+            release()
+            raise
+        if not isinstance(response, StreamingResponse):
+            release()
+        return response  # a stream releases when it ends (its generator's finally)
 
     def _job(self, request: Request, tenant: str, body, max_tokens: int | None, **prompt: Any) -> dict[str, Any]:
         limit = self.config.max_tokens_limit
@@ -499,7 +527,8 @@ class Ingress:
         request_id = request.headers.get("x-request-id") or new_id("cmpl")
         return {"tenant": tenant, "request_id": request_id, "options": asdict(options), **prompt}
 
-    async def _respond(self, request: Request, job: dict[str, Any], body, route: str, started: float):
+    async def _respond(self, request: Request, job: dict[str, Any], body, route: str, started: float,
+                       release=lambda: None):
         tenant, request_id = job["tenant"], job["request_id"]
         stream = self.engine.options(stream=True).generate.remote(job)
         try:
@@ -515,7 +544,7 @@ class Ingress:
         headers = {"x-request-id": request_id, "x-eraser-adapter": first["adapter"]}
         created = int(time.time())
         if body.stream:
-            return StreamingResponse(self._sse(stream, job, body, route, created, started, first["adapter"]),
+            return StreamingResponse(self._sse(stream, job, body, route, created, started, first["adapter"], release),
                                      media_type="text/event-stream", headers=headers)
         result = Completion()
         async for item in stream:
@@ -529,7 +558,7 @@ class Ingress:
         return JSONResponse(builder(request_id, body.model, result, created), headers=headers)
 
     async def _sse(self, stream, job, body, route: str, created: int, started: float,
-                   adapter: str) -> AsyncIterator[bytes]:
+                   adapter: str, release=lambda: None) -> AsyncIterator[bytes]:
         request_id, model = job["request_id"], body.model
         result, finished = Completion(), False
         obj = "text_completion" if route == "completions" else "chat.completion.chunk"
@@ -555,6 +584,7 @@ class Ingress:
             finished = True
             yield b"data: [DONE]\n\n"
         finally:
+            release()
             if not finished:  # client went away: stop generating
                 stream.cancel()
             metrics.request_done(job["tenant"], route, 200 if finished else 499, time.perf_counter() - started)
