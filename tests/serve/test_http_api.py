@@ -50,6 +50,23 @@ def test_missing_and_wrong_keys_are_401(served):
         openai.OpenAI(base_url=f"{served.base_url}/v1", api_key="wrong", max_retries=0).models.list()
 
 
+def test_a_key_revoked_over_http_is_refused_within_a_second(served):
+    import time
+
+    key = call(served, "POST", "/v1/admin/tenants/beta/keys", served.admin_key).json()["api_key"]
+    for _ in range(3):  # verified, then trusted from the ingress's cache
+        assert call(served, "GET", "/v1/models", key).status_code == 200
+    key_id = key.split("_")[2]
+    assert_error(call(served, "DELETE", f"/v1/admin/tenants/beta/keys/{key_id}", served.keys["beta"]), 403)
+    began = time.perf_counter()
+    revoked = call(served, "DELETE", f"/v1/admin/tenants/beta/keys/{key_id}", served.admin_key)
+    assert revoked.status_code == 200 and revoked.json()["replicas_told"], revoked.text
+    while call(served, "GET", "/v1/models", key).status_code != 401:
+        assert time.perf_counter() - began < 1.0, "the revoked key still works"
+    assert_error(call(served, "DELETE", f"/v1/admin/tenants/beta/keys/{key_id}", served.admin_key), 404)
+    assert call(served, "GET", "/v1/models", served.keys["beta"]).status_code == 200
+
+
 def test_another_tenants_model_is_404_and_indistinguishable_from_a_missing_one(served):
     other = assert_error(call(served, "POST", "/v1/chat/completions", served.keys["acme"], json=chat("beta")), 404)
     missing = assert_error(call(served, "POST", "/v1/chat/completions", served.keys["acme"], json=chat("nosuch")), 404)
