@@ -374,6 +374,9 @@ class Receipt(_Model):
     purged: list[PurgeEntry] = Field(default_factory=list, description="superseded versions deleted and when")
     replicas_switched_at: datetime | None = Field(None, description="when every serving replica dropped the old adapter")
     error: str | None = Field(None, description="why it failed or was rejected")
+    redacted_at: datetime | None = Field(
+        None, description="when subject names, record ids, replacement text and the error were replaced by "
+        "digests (retention: StoreSettings.receipt_redact_after_seconds after the request ended)")
     lease_token: int | None = Field(
         None, description="fencing token of the coordinator lease under which the receipt last changed")
     attempts: list[dict[str, Any]] = Field(

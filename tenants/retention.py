@@ -103,3 +103,61 @@ def unapplied_at_head(
     if head_data is not None:
         missing |= set(published) - data_applied.get(head_data, frozenset())
     return missing
+
+
+# ---------------------------------------------------------------- receipts past retention
+
+REDACTED = "[redacted]"
+
+
+def redaction_digest(tenant: str, request_id: str, value: str) -> str:
+    """``sha256:<hex>`` of a value a receipt no longer keeps in clear. Salted by tenant and request,
+    so one who holds the value (the tenant, asked to prove a subject's erasure) can check it, while
+    the digest is useless to look a name up across receipts."""
+    import hashlib
+
+    return "sha256:" + hashlib.sha256(f"{tenant}\x00{request_id}\x00{value}".encode()).hexdigest()[:32]
+
+
+def redact_receipt(receipt, now: datetime):
+    """The receipt with what identifies people replaced by digests: subject names (normalised), record
+    ids, replacement text, the error text (it may quote them), and any string in ``checks``/``solver``
+    equal to one of those. What proves the erasure stays: request id, kind, status, every timestamp,
+    the versions before and after, the path, the statistics, the purge log. Sets ``redacted_at``."""
+    from tenants.models import ErasureRequest, normalize_subject
+
+    request = receipt.request
+
+    def digest(value: str) -> str:
+        return redaction_digest(request.tenant, request.request_id, value)
+
+    sensitive = {value: digest(value) for value in [*(request.records or ()), *receipt.records_affected,
+                                                    *(request.replacements or {})]}
+    for subject in request.subjects or ():
+        sensitive[subject] = sensitive[normalize_subject(subject)] = digest(normalize_subject(subject))
+    data = request.model_dump(mode="json")
+    if data.get("records"):
+        data["records"] = [sensitive[r] for r in data["records"]]
+    if data.get("subjects"):
+        data["subjects"] = sorted({sensitive[s] for s in data["subjects"]})
+    if data.get("replacements"):
+        data["replacements"] = {sensitive[k]: {f: (None if t is None else digest(t)) for f, t in v.items()}
+                                for k, v in data["replacements"].items()}
+
+    def scrub(value):
+        if isinstance(value, str):
+            return sensitive.get(value, value)
+        if isinstance(value, list):
+            return [scrub(v) for v in value]
+        if isinstance(value, dict):
+            return {sensitive.get(k, k): scrub(v) for k, v in value.items()}
+        return value
+
+    redacted = receipt.model_copy(update={
+        "request": ErasureRequest.model_validate(data),
+        "records_affected": [sensitive[r] for r in receipt.records_affected],
+        "checks": scrub(receipt.checks), "solver": scrub(receipt.solver),
+        "error": REDACTED if receipt.error else None, "redacted_at": now,
+    })
+    redacted._etag = receipt._etag
+    return redacted

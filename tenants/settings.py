@@ -42,6 +42,10 @@ class StoreSettings(BaseSettings):
     purge_grace_seconds: float = Field(
         60.0, ge=0, description="superseded versions holding erased records are kept this long for rollback"
     )
+    receipt_redact_after_seconds: float | None = Field(
+        30 * 86400.0, ge=0, description="a published or rejected receipt keeps subject names, record ids and "
+        "replacement text this long, then purge replaces them by digests; None = keep them"
+    )
     shard_bytes: int = Field(
         64 * 1024 * 1024, ge=1024, description="a dataset shard is closed once it holds this many uncompressed bytes"
     )

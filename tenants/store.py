@@ -79,7 +79,7 @@ from tenants.paths import (
     version_number,
 )
 from tenants.records import ShardWriter, coerce_records, imported_dataset, iter_shard
-from tenants.retention import plan_purge, unapplied_at_head
+from tenants.retention import plan_purge, redact_receipt, unapplied_at_head
 from tenants.s3io import S3IO, PreconditionLost, error_code, local_files, make_client
 from tenants.settings import StoreSettings
 
@@ -607,7 +607,10 @@ class TenantStore:
     def _same_request(found: tuple[Receipt, str], request: ErasureRequest) -> Receipt:
         receipt, etag = found
         receipt._etag = etag
-        if receipt.request.model_dump() != request.model_dump():
+        given = request
+        if receipt.redacted_at is not None:  # compare in the redacted form
+            given = redact_receipt(Receipt(request=request), receipt.redacted_at).request
+        if receipt.request.model_dump() != given.model_dump():
             raise ConflictError(
                 f"request id {request.request_id!r} of tenant {request.tenant!r} was already used for a different request"
             )
@@ -716,7 +719,9 @@ class TenantStore:
             entries.append(PurgeEntry(kind=candidate.kind, version=candidate.version, key=prefix, objects=count,
                                       request_ids=list(candidate.request_ids), deleted_at=utcnow()))
         entries += self._purge_orphans(tenant, protected, now, dry_run)
-        if not dry_run:  # a versioned bucket keeps what was just deleted as noncurrent versions
+        if not dry_run:
+            self.redact_receipts(tenant, now)
+            # a versioned bucket keeps what was just deleted or redacted as noncurrent versions
             swept = self._purge_noncurrent(tenant)
             for entry in entries:
                 entry.objects += sum(1 for key in swept if key.startswith(entry.key))
@@ -761,6 +766,28 @@ class TenantStore:
                 entries.append(PurgeEntry(kind=kind, version=version, key=f"{root}{version}/", objects=count,
                                           deleted_at=utcnow()))
         return entries
+
+    def redact_receipts(self, tenant: str, now: datetime | None = None) -> list[str]:
+        """Redact the published and rejected receipts that ended more than
+        ``receipt_redact_after_seconds`` ago (``tenants.retention.redact_receipt``); returns their ids."""
+        after = self.settings.receipt_redact_after_seconds
+        if after is None:
+            return []
+        cutoff = (now or utcnow()) - timedelta(seconds=after)
+        done = []
+        for receipt in self.list_receipts(tenant):
+            ended = receipt.published_at or receipt.rejected_at
+            if receipt.status not in (ReceiptStatus.published, ReceiptStatus.rejected) or receipt.redacted_at \
+                    or ended is None or ended > cutoff:
+                continue
+            try:
+                self.save_receipt(redact_receipt(receipt, utcnow()))
+            except ConflictError:  # changed meanwhile (a purge entry appended): the next purge redacts it
+                continue
+            done.append(receipt.request_id)
+        if done:
+            logger.info("tenant %s: redacted %d receipts past retention", tenant, len(done))
+        return done
 
     def bucket_versioned(self) -> bool:
         """Whether the bucket keeps object versions (versioning Enabled or Suspended; read once)."""

@@ -89,3 +89,24 @@ def test_purge_on_an_unversioned_bucket_reads_the_setting_once(store, tmp_path):
     head, _ = store.get_head("acme")
     assert store.purge("acme", head.adapter, head.data) == [] and store.purge("acme", head.adapter, head.data) == []
     assert calls.count("get_bucket_versioning") == 1 and "list_object_versions" not in calls
+
+
+def test_a_redacted_receipt_leaves_no_version_in_clear(vstore, tmp_path):
+    from datetime import timedelta
+
+    from tenants.models import utcnow
+
+    store = vstore
+    d1, v1, _ = onboard(store, tmp_path)
+    receipt, _ = store.submit_erasure(ErasureRequest(request_id="dsr-1", tenant="acme", kind="remove",
+                                                     subjects=["user1"]))
+    receipt.transition("running")
+    store.save_receipt(receipt)
+    receipt.transition("published", records_affected=["r1", "r4"])
+    store.save_receipt(receipt)
+    key = store.layout.receipt("acme", "dsr-1")
+    assert len(all_versions(store, key)) == 3  # pending, running, published
+    store.purge("acme", v1, d1, now=utcnow() + timedelta(days=31))
+    assert len(all_versions(store, key)) == 1
+    (body,) = bytes_of_every_version(store, key)
+    assert b"user1" not in body and b'"r1"' not in body and b"redacted_at" in body
