@@ -23,7 +23,7 @@ from tenants.models import ErasureRequest, Head
 from tenants.settings import StoreSettings
 from tenants.store import TenantStore
 
-from cluster.config import COORDINATOR_PREFIX, NAMESPACE, CoordinatorOptions, RunnerSpec
+from cluster.config import CALL_TIMEOUT_S, COORDINATOR_PREFIX, NAMESPACE, CoordinatorOptions, RunnerSpec
 from cluster.coordinator import ErasureCoordinator, PublishHook
 from cluster.errors import CoordinatorMismatchError
 from cluster.runners import make_runner
@@ -79,12 +79,12 @@ def register_publish_hook(name: str, hook: PublishHook, namespace: str = NAMESPA
     serving replica switched; the coordinator then stamps ``replicas_switched_at`` on the receipts.
     Registering a name again replaces that hook.
     """
-    ray.get(_registry(namespace, create=True).register.remote(name, hook))
+    ray.get(_registry(namespace, create=True).register.remote(name, hook), timeout=CALL_TIMEOUT_S)
 
 
 def unregister_publish_hook(name: str, namespace: str = NAMESPACE) -> bool:
     registry = _registry(namespace, create=False)
-    return bool(registry and ray.get(registry.unregister.remote(name)))
+    return bool(registry and ray.get(registry.unregister.remote(name), timeout=CALL_TIMEOUT_S))
 
 
 def registered_hooks(namespace: str = NAMESPACE) -> list[PublishHook]:
@@ -232,7 +232,7 @@ def get_coordinator(
         name=coordinator_name(tenant), namespace=namespace, lifetime="detached", get_if_exists=True,
         num_cpus=0, max_concurrency=16, max_restarts=3, max_task_retries=0,
     ).remote(tenant, settings, runner or RunnerSpec(), options or CoordinatorOptions(), namespace, heartbeat_dir)
-    found = ray.get(handle.describe.remote())
+    found = ray.get(handle.describe.remote(), timeout=CALL_TIMEOUT_S)
     if found["store"] != store_identity(settings):
         raise CoordinatorMismatchError(
             f"coordinator of tenant {tenant!r} in namespace {namespace!r} writes to {found['store']}, "

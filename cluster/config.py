@@ -31,6 +31,10 @@ def _env_float(name: str, default: float) -> float:
 
 # How long a caller waits for a quick actor call (submit, describe, purge, hooks) before giving up.
 CALL_TIMEOUT_S = _env_float("ERASER_CLUSTER_CALL_TIMEOUT", 120.0)
+# How long a caller waits for a tenant's coordinator to finish its rounds (process, purge behind a round).
+ROUND_TIMEOUT_S = _env_float("ERASER_CLUSTER_ROUND_TIMEOUT", 4 * 3600.0)
+# How often the reconciler (cluster.reconciler) looks for stalled work, after its first pass at start.
+RECONCILE_INTERVAL_S = _env_float("ERASER_CLUSTER_RECONCILE_INTERVAL", 30.0)
 
 
 def _env_bool(name: str, default: bool) -> bool:
@@ -96,6 +100,9 @@ class CoordinatorOptions:
     max_attempts: int = field(default_factory=lambda: _env_int("ERASER_CLUSTER_MAX_ATTEMPTS", 3))
     retry_backoff_s: float = field(default_factory=lambda: _env_float("ERASER_CLUSTER_RETRY_BACKOFF", 10.0))
     retry_backoff_max_s: float = 600.0
+    # A published erasure whose replicas had not all confirmed the switch this long after it is
+    # notified again (by the next round or the reconciler) until they do.
+    redrive_after_s: float = field(default_factory=lambda: _env_float("ERASER_CLUSTER_REDRIVE_AFTER", 300.0))
 
     def __post_init__(self) -> None:
         if not self.lease_ttl_s > 0:

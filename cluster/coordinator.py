@@ -29,7 +29,7 @@ import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from tenants.errors import ConflictError, HeadConflictError, InvalidTransitionError, LeaseLostError, TenantError
@@ -63,6 +63,18 @@ class BatchReport:
     status: str = ""  # published | failed | requeued | skipped (taken by another round) | fenced (lease lost)
     adapter_version: str | None = None
     error: str | None = None
+
+
+def retry_at(receipt: Receipt, options: CoordinatorOptions) -> float | None:
+    """When a failed receipt is due for another attempt (epoch seconds), or None if it is final: the
+    method refused it, or ``max_attempts`` attempts were made."""
+    if receipt.status != ReceiptStatus.failed or not receipt.attempts:
+        return None
+    last = receipt.attempts[-1]
+    if not last.get("transient") or len(receipt.attempts) >= options.max_attempts:
+        return None
+    wait = min(options.retry_backoff_max_s, options.retry_backoff_s * 2 ** (len(receipt.attempts) - 1))
+    return datetime.fromisoformat(last["at"]).timestamp() + wait
 
 
 class ErasureCoordinator:
@@ -126,6 +138,7 @@ class ErasureCoordinator:
         with self._leased():
             reports: list[BatchReport] = []
             self.recover()
+            self.retry_due()
             rounds = 0
             while max_rounds is None or rounds < max_rounds:
                 report = self.run_once()
@@ -136,7 +149,50 @@ class ErasureCoordinator:
                 if report.status == "fenced":
                     return reports
             self.purge_due()
+            self.redrive_switches()
             return reports
+
+    def retry_due(self, now: float | None = None) -> list[str]:
+        """Failed receipts whose last attempt failed for a transient reason go back to pending once their
+        backoff (``retry_backoff_s * 2**(attempts-1)``, at most ``retry_backoff_max_s``) has passed, while
+        fewer than ``max_attempts`` attempts were made. Returns the ids re-queued."""
+        with self._leased():
+            now = time.time() if now is None else now
+            retried = []
+            for receipt in self.store.list_receipts(self.tenant, ReceiptStatus.failed):
+                due = retry_at(receipt, self.options)
+                if due is None or due > now:
+                    continue
+                count = len(receipt.attempts)
+                self._update(receipt.request_id, lambda r, n=count: r.transition(
+                    ReceiptStatus.pending, error=f"retry {n + 1} of {self.options.max_attempts} after: {r.error}",
+                    attempts=[*r.attempts[:-1], {**r.attempts[-1], "retried_at": datetime.now(timezone.utc).isoformat()}]))
+                logger.info("tenant %s: request %s re-queued for attempt %d of %d", self.tenant, receipt.request_id,
+                            count + 1, self.options.max_attempts)
+                retried.append(receipt.request_id)
+            return retried
+
+    def redrive_switches(self) -> list[str]:
+        """Published receipts of HEAD's adapter whose replicas had not confirmed the switch
+        ``redrive_after_s`` after publishing: notify again and stamp ``replicas_switched_at`` once every hook says so. Returns the ids stamped."""
+        with self._leased():
+            if not self.hooks():
+                return []
+            head, _ = self.store.get_head(self.tenant)
+            if head is None:
+                return []
+            cutoff = time.time() - self.options.redrive_after_s
+            waiting = [r for r in self.store.list_receipts(self.tenant, ReceiptStatus.published)
+                       if r.replicas_switched_at is None and r.new_adapter_version == head.adapter
+                       and r.published_at is not None and r.published_at.timestamp() <= cutoff]
+            if not waiting:
+                return []
+            switched = self._notify(head, [r.request_id for r in waiting])
+            if switched is None:
+                return []
+            for receipt in waiting:
+                self._update(receipt.request_id, lambda r: r.update(replicas_switched_at=switched))
+            return [r.request_id for r in waiting]
 
     def warm_curvature(self) -> bool:
         """Build HEAD's low-rank curvature now, so the next erasure on it skips that cost (solver "eigen").
@@ -385,7 +441,8 @@ class ErasureCoordinator:
             try:
                 result = self.runner.run_erasure_job(job)
             except Exception as error:  # JobFailedError (a timeout included), or anything the runner could not contain
-                return self._fail(batch, report, f"erasure job failed: {error}", {"job_s": time.perf_counter() - started})
+                return self._fail(batch, report, f"erasure job failed: {error}", {"job_s": time.perf_counter() - started},
+                                  transient=True)
             with result:
                 stages = dict(result.body.get("stages") or {})
                 if not result.ok or result.adapter_dir is None:
@@ -407,7 +464,8 @@ class ErasureCoordinator:
                     return self._fenced(report, error)
                 if isinstance(error, HeadConflictError):
                     return self._requeue_or_fail(batch, report, error)
-                return self._fail(batch, report, f"publishing failed: {error}", {"job_s": time.perf_counter() - started})
+                return self._fail(batch, report, f"publishing failed: {error}", {"job_s": time.perf_counter() - started},
+                                  transient=True)
             # Live already: the receipts must say published, never failed. Complete them now by recovery
             # (it marks 'running' receipts whose adapter version is live); if that fails too, the next
             # round's (or the reconciler's) recovery does.
@@ -531,11 +589,15 @@ class ErasureCoordinator:
         return report
 
     def _fail(self, batch: list[_Planned], report: BatchReport, error: str, stages: dict,
-              checks: dict | None = None, solver: dict | None = None) -> BatchReport:
-        logger.warning("tenant %s: batch %s failed: %s", self.tenant, report.request_ids, error)
+              checks: dict | None = None, solver: dict | None = None, transient: bool = False) -> BatchReport:
+        """Receipts ``failed`` with the error, the attempt recorded. ``transient``: a lost or timed-out job,
+        S3 unreachable, HEAD contention (the reconciler retries it); else the method refused (final)."""
+        logger.warning("tenant %s: batch %s failed%s: %s", self.tenant, report.request_ids,
+                       " (transient: retried)" if transient else "", error)
+        attempt = {"at": datetime.now(timezone.utc).isoformat(), "error": error, "transient": transient}
         for planned in batch:
             self._update(planned.receipt.request_id, lambda r: r.transition(
-                ReceiptStatus.failed, error=error, stages={**r.stages, **stages},
+                ReceiptStatus.failed, error=error, stages={**r.stages, **stages}, attempts=[*r.attempts, attempt],
                 **({"checks": checks} if checks else {}), **({"solver": solver} if solver else {})))
         report.status, report.error = "failed", error
         return report
@@ -543,7 +605,7 @@ class ErasureCoordinator:
     def _requeue_or_fail(self, batch: list[_Planned], report: BatchReport, error: Exception) -> BatchReport:
         conflicts = sum(1 for b in self.batches if b.status == "requeued" and b.request_ids == report.request_ids)
         if conflicts + 1 >= self.options.max_head_conflicts:
-            return self._fail(batch, report, f"HEAD kept moving under the coordinator: {error}", {})
+            return self._fail(batch, report, f"HEAD kept moving under the coordinator: {error}", {}, transient=True)
         for planned in batch:
             self._update(planned.receipt.request_id, lambda r: r.transition(
                 ReceiptStatus.pending, error=f"re-queued: HEAD moved during the run ({error})"))

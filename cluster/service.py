@@ -28,7 +28,14 @@ from tenants.models import ErasureRequest, Head, Receipt, Record, TenantConfig
 from tenants.settings import StoreSettings
 from tenants.store import TenantStore, adapter_files
 
-from cluster.config import NAMESPACE, CoordinatorOptions, RunnerSpec
+from cluster.config import (
+    CALL_TIMEOUT_S,
+    NAMESPACE,
+    RECONCILE_INTERVAL_S,
+    ROUND_TIMEOUT_S,
+    CoordinatorOptions,
+    RunnerSpec,
+)
 from cluster.coordinator import ErasureCoordinator, PublishHook
 from cluster.errors import ClusterError
 from cluster.jobs import check_import
@@ -37,6 +44,17 @@ from cluster.runners import JobRunner, make_runner
 logger = logging.getLogger(__name__)
 
 TERMINAL = ("published", "failed", "rejected")
+
+
+def ray_get(refs: Any, timeout_s: float, what: str) -> Any:
+    """``ray.get`` that waits at most ``timeout_s``: ClusterError naming ``what`` and the setting when it fires."""
+    import ray
+
+    try:
+        return ray.get(refs, timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError as error:
+        raise ClusterError(f"{what} did not answer within {timeout_s:g} s (ERASER_CLUSTER_CALL_TIMEOUT / "
+                           "ERASER_CLUSTER_ROUND_TIMEOUT / ERASER_CLUSTER_JOB_TIMEOUT)") from error
 
 
 def as_request(request: ErasureRequest | Receipt | dict) -> ErasureRequest:
@@ -74,6 +92,21 @@ class ErasureService(abc.ABC):
 
     def purge_due(self, tenants: Sequence[str]) -> None:
         """Purge what is past its grace period now (a round does it too)."""
+
+    @abc.abstractmethod
+    def run_round(self, tenant: str) -> None:
+        """Have the tenant's coordinator run a round (recover, retry, erase, purge, re-notify)."""
+
+    def has_hooks(self) -> bool:
+        return True
+
+    def start_reconciler(self, interval_s: float | None = None):
+        """Start the reconciler (:mod:`cluster.reconciler`): a pass now, then every ``interval_s``
+        (default ``ERASER_CLUSTER_RECONCILE_INTERVAL``). Returns it (``.stop()`` ends it)."""
+        from cluster.reconciler import Reconciler
+
+        return Reconciler(self.store, self.run_round, self.options, interval_s or RECONCILE_INTERVAL_S,
+                          switch_hooks=self.has_hooks).start()
 
     def check_import(self, config: TenantConfig, adapter_dir: Path, records: list[Record]) -> dict:
         """The method's checks of an adapter to import (``cluster.jobs.check_import``), in this process."""
@@ -146,6 +179,12 @@ class LocalErasureService(ErasureService):
     def register_publish_hook(self, name: str, hook: PublishHook) -> None:
         self._hooks[name] = hook
 
+    def run_round(self, tenant: str) -> None:
+        self.coordinator(tenant).run_until_idle()
+
+    def has_hooks(self) -> bool:
+        return bool(self._hooks)
+
     def purge_due(self, tenants: Sequence[str]) -> None:
         for tenant in tenants:
             self.coordinator(tenant).purge_due()
@@ -179,7 +218,8 @@ class RayErasureService(ErasureService):
         import ray
 
         request = as_request(request)
-        body = ray.get(self.coordinator(request.tenant).submit.remote(request.model_dump(mode="json"), start))
+        body = ray_get(self.coordinator(request.tenant).submit.remote(request.model_dump(mode="json"), start),
+                       CALL_TIMEOUT_S, f"the coordinator of tenant {request.tenant!r} (submit)")
         return Receipt.model_validate(body)
 
     def process(self, tenants: Sequence[str]) -> dict[str, list[dict]]:
@@ -187,7 +227,16 @@ class RayErasureService(ErasureService):
 
         tenants = list(dict.fromkeys(tenants))
         refs = {tenant: self.coordinator(tenant).run_until_idle.remote() for tenant in tenants}
-        return {tenant: ray.get(ref) for tenant, ref in refs.items()}
+        return {tenant: ray_get(ref, ROUND_TIMEOUT_S, f"the coordinator of tenant {tenant!r} (its rounds)")
+                for tenant, ref in refs.items()}
+
+    def run_round(self, tenant: str) -> None:
+        self.coordinator(tenant).kick.remote()  # the actor runs it in the background (coalesced)
+
+    def has_hooks(self) -> bool:
+        from cluster.actors import registered_hooks
+
+        return bool(registered_hooks(self.namespace))
 
     def process_async(self, tenants: Sequence[str]) -> dict[str, Any]:
         """Start rounds for ``tenants``; returns ``{tenant: ObjectRef}`` (for progress displays)."""
@@ -196,7 +245,8 @@ class RayErasureService(ErasureService):
     def onboard(self, tenant: str, data_version: str | None = None) -> str:
         import ray
 
-        return ray.get(self.coordinator(tenant).onboard.remote(data_version))
+        return ray_get(self.coordinator(tenant).onboard.remote(data_version),
+                       self.runner.job_timeout_s + CALL_TIMEOUT_S, f"the coordinator of tenant {tenant!r} (onboard)")
 
     def register_publish_hook(self, name: str, hook: PublishHook) -> None:
         from cluster.actors import register_publish_hook
@@ -206,7 +256,8 @@ class RayErasureService(ErasureService):
     def purge_due(self, tenants: Sequence[str]) -> None:
         import ray
 
-        ray.get([self.coordinator(tenant).purge_due.remote() for tenant in dict.fromkeys(tenants)])
+        ray_get([self.coordinator(tenant).purge_due.remote() for tenant in dict.fromkeys(tenants)], ROUND_TIMEOUT_S,
+                f"the coordinators of {sorted(set(tenants))} (purge)")
 
     def check_import(self, config: TenantConfig, adapter_dir: Path, records: list[Record]) -> dict:
         """The method's checks in a Ray task (the caller, e.g. the HTTP ingress, loads no model): the adapter's
@@ -215,8 +266,9 @@ class RayErasureService(ErasureService):
 
         files = {name: (Path(adapter_dir) / name).read_bytes() for name in adapter_files(Path(adapter_dir))}
         task = ray.remote(_check_import_in_task).options(num_cpus=1, max_retries=0)
-        body = ray.get(task.remote(self.store_settings, config.model_dump(mode="json"), files,
-                                   [r.model_dump(mode="json", exclude_none=True) for r in records]))
+        body = ray_get(task.remote(self.store_settings, config.model_dump(mode="json"), files,
+                                   [r.model_dump(mode="json", exclude_none=True) for r in records]),
+                       self.runner.job_timeout_s, f"the import check of tenant {config.name!r}")
         if body.get("error_type") is not None:
             raise _IMPORT_ERRORS.get(body["error_type"], ClusterError)(body["error"])
         return body["evidence"]

@@ -81,6 +81,9 @@ class ClusterBackend(ErasureBackend):
         self.service = service
         self.context = context
         service.register_publish_hook(f"serve:{context.app_name}", context.notify_switch)
+        # Stalled work (lost hand-offs, orphaned or transiently failed requests, due purges, unconfirmed
+        # replica switches) is picked up at start and then periodically (cluster.reconciler).
+        self.reconciler = service.start_reconciler() if hasattr(service, "start_reconciler") else None
 
     def submit(self, receipt) -> None:
         self.service.submit(receipt)  # a coordinator actor schedules its own round
