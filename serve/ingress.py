@@ -42,7 +42,9 @@ from serve.protocol import (
 
 logger = logging.getLogger(__name__)
 
-app = FastAPI(title="eraser", description="OpenAI-compatible serving of tenant LoRA adapters, with erasure")
+# redirect_slashes off: "/v1/tenants/beta/" is a 404 like any unknown route, not a 307 to another one
+app = FastAPI(title="eraser", description="OpenAI-compatible serving of tenant LoRA adapters, with erasure",
+              redirect_slashes=False)
 
 
 class ApiError(Exception):

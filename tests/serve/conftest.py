@@ -104,6 +104,7 @@ def served(serving_base, ray_cluster, s3_server, s3_bucket, tmp_path_factory):
         "refresh_interval_s": 2.0,
         "max_body_bytes": 64 * 1024,
         "auth_failures_per_minute": 1000,  # the tests' wrong keys all come from 127.0.0.1
+        "max_concurrent_per_tenant": 4,  # a quarter of max_num_seqs: a flooding tenant leaves room for others
         "engine_num_cpus": 1.0,
         "ingress_num_cpus": 0.5,
     }
