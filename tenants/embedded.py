@@ -39,6 +39,11 @@ HOST = "127.0.0.1"
 GRPC_OFFSET = 10000  # SeaweedFS derives gRPC ports as http port + 10000 in places; keep that true
 PORT_RANGE = (20000, 30000)  # base ports; their gRPC twins land in 30000-40000
 COMPONENTS = ("s3", "master", "volume", "filer", "admin")
+# SeaweedFS keeps a deleted object's bytes in its volume file until a vacuum compacts the volume
+# (default: volumes over 30% garbage, checked every 14 min): erased records stayed on disk after
+# purge. Any garbage is compacted, checked every minute; vacuum() does it at once.
+VACUUM_THRESHOLD = 0.0001
+VACUUM_INTERVAL_S = 60
 HOME_ENV = "ERASER_HOME"
 DEFAULT_HOME = ".eraser"
 
@@ -146,6 +151,16 @@ class EmbeddedS3:
             **overrides,
         )
 
+    def vacuum(self, timeout: float = 120.0) -> None:
+        """Compact every volume holding deleted objects now: their bytes leave the disk (after a purge)."""
+        import urllib.request
+
+        if not self.running:
+            raise EmbeddedServerError("embedded S3 server is not running")
+        url = f"http://{HOST}:{self.ports['master']}/vol/vacuum?garbageThreshold={VACUUM_THRESHOLD}"
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (loopback, our own server)
+            response.read()
+
     def client(self) -> Any:
         from tenants.s3io import make_client
 
@@ -215,6 +230,7 @@ class EmbeddedS3:
             weed, "mini", f"-dir={self.data_dir}", f"-ip={HOST}", f"-ip.bind={HOST}",
             "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
             "-master.telemetry=false", "-volume.preStopSeconds=0",
+            f"-master.garbageThreshold={VACUUM_THRESHOLD}", f"-master.vacuumIntervalSeconds={VACUUM_INTERVAL_S}",
         ]
         for component, port in self.ports.items():
             command += [f"-{component}.port={port}", f"-{component}.port.grpc={port + GRPC_OFFSET}"]
