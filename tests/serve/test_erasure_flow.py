@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import httpx
 import pytest
@@ -19,7 +19,7 @@ from tests.serve.test_live_switch import MAX_TOKENS, Load, replicas
 pytestmark = pytest.mark.slow
 
 
-def test_erasure_over_http_publishes_switches_live_and_leaves_nothing_stale(served, capsys):
+def test_erasure_over_http_publishes_switches_live_and_leaves_nothing_stale(served, capsys, s3_server, ray_cluster):
     import torch
 
     from cluster import CoordinatorOptions, LocalErasureService
@@ -57,6 +57,8 @@ def test_erasure_over_http_publishes_switches_live_and_leaves_nothing_stale(serv
         before = replicas(served)["engine"]["current"][tenant]
 
         subject = records[-1].subject
+        # what the erasure must leave nowhere: the subject's facts, v1's weights, d1's compressed shards
+        traces = _traces(served, tenant, v1, [r for r in records if r.subject == subject])
         request = {"request_id": f"dsr-{uuid.uuid4().hex[:6]}", "kind": "remove", "subjects": [subject]}
         with Load(served, tenant, questions) as load:
             time.sleep(1.0)
@@ -100,6 +102,94 @@ def test_erasure_over_http_publishes_switches_live_and_leaves_nothing_stale(serv
     assert not [f for f in after["adapter_files"] if f.startswith(f"tenants/{tenant}/adapters/{v1}")]
     assert served.store.list_adapter_versions(tenant) == [v2]
     assert all(r.subject != subject for r in served.store.read_dataset(tenant, receipt["new_data_version"]))
+    # a control the search must find (the live data version's shard, in S3 and on its disk): it can fail
+    new_shard = next(i.key for i in served.store.io.list(served.store.layout.data_dir(tenant, receipt["new_data_version"]))
+                     if i.key.endswith(".jsonl.gz"))
+    body = served.store.io.get_bytes(new_shard)[0]
+    control = {"live shard": body[len(body) // 2:len(body) // 2 + 64]}
+    searched = _search_everywhere(served, s3_server, ray_cluster, tenant, traces, after["adapter_dir"], control)
+    # receipts past retention: the subject's name goes too
+    served.store.redact_receipts(tenant, datetime.now().astimezone() + timedelta(days=31))
+    assert not [r for r in served.store.list_receipts(tenant) if subject in r.model_dump_json()]
     with capsys.disabled():
+        print(f"\n[erasure] searched {searched} for {len(traces)} traces of the erased records: none found")
         print(f"\n[erasure] path={receipt['path']} stages={ {k: round(v, 2) for k, v in receipt['stages'].items()} } "
               f"published->all replicas switched={switched - published:.3f}s requests={len(load.results)} failures=0")
+
+
+def _traces(served, tenant: str, v1: str, erased) -> dict[str, bytes]:
+    """Byte strings that only the erased records or what was built from them contain."""
+    store = served.store
+    traces = {}
+    for record in erased:  # the record's own facts (its response names the subject's data)
+        traces[f"{record.id} response"] = record.response.encode()
+    weights = (store.download_adapter(tenant, v1) / "adapter_model.safetensors").read_bytes()
+    traces["v1 weights"] = weights[len(weights) // 2:len(weights) // 2 + 64]
+    head, _ = store.get_head(tenant)
+    for info in store.io.list(store.layout.data_dir(tenant, head.data)):
+        if info.key.endswith(".jsonl.gz"):
+            shard = store.io.get_bytes(info.key)[0]
+            traces[f"d1 {info.key.rsplit('/', 1)[1]}"] = shard[len(shard) // 2:len(shard) // 2 + 64]
+    store.evict_adapter(tenant, v1)  # this test's own copy
+    return traces
+
+
+def _search_everywhere(served, s3_server, ray_cluster, tenant: str, traces: dict[str, bytes], adapter_dir: str,
+                       control: dict[str, bytes]):
+    """Every place the service writes, searched for ``traces``: every object version under the
+    application's prefix (gzip opened), the S3 server's disk after a vacuum, the replicas' adapter
+    directories, job scratch directories, the Ray session's logs. Returns what was searched."""
+    import gzip
+    import tempfile
+    from pathlib import Path
+
+    store = served.store
+    found, searched = [], {}
+    traces = {**traces, **control}
+
+    def look(where: str, data: bytes) -> None:
+        for name, trace in traces.items():
+            if trace in data:
+                found.append((name, where))
+
+    versions = store.io.call("list_object_versions", Bucket=store.settings.bucket,
+                             Prefix=store.layout.tenant_dir(tenant))
+    for item in versions.get("Versions", []):
+        body = store.io.call("get_object", Bucket=store.settings.bucket, Key=item["Key"],
+                             VersionId=item["VersionId"])["Body"].read()
+        look(item["Key"], body)
+        if body[:2] == b"\x1f\x8b":
+            look(item["Key"] + " (gunzipped)", gzip.decompress(body))
+    searched["object versions"] = len(versions.get("Versions", []))
+    s3_server.vacuum()
+    deadline = time.monotonic() + 20
+    while True:
+        found_before = len(found)
+        files = [p for p in s3_server.data_dir.rglob("*.dat") if p.is_file()]
+        for path in files:
+            look(f"S3 disk {path.name}", path.read_bytes())
+        if not any(n not in control for n, _ in found[found_before:]) or time.monotonic() > deadline:
+            break
+        del found[found_before:]  # compaction still running: look again
+        time.sleep(1.0)
+    searched["S3 volume files"] = len(files)
+    roots = {"replica adapter files": Path(adapter_dir).parent,
+             "job scratch files": Path(tempfile.gettempdir()), "Ray session logs": Path(ray_cluster.temp_dir)}
+    for label, root in roots.items():
+        paths = root.rglob("*") if label != "job scratch files" else (
+            p for d in root.glob("eraser-job-cache-*") for p in d.rglob("*"))
+        count = 0
+        for path in paths:
+            if label == "Ray session logs" and "logs" not in path.parts:
+                continue
+            if path.is_file() and not path.is_symlink():
+                count += 1
+                look(str(path), path.read_bytes())
+        searched[label] = count
+    wheres = {name: [where for n, where in found if n == name] for name in control}
+    for name, places in wheres.items():  # the search sees what is there: in S3 and on the S3 server's disk
+        assert any(w.startswith(store.layout.tenant_dir(tenant)) for w in places), (name, places)
+        assert any(w.startswith("S3 disk") for w in places), (name, places)
+    found = [(n, where) for n, where in found if n not in control]
+    assert not found, found
+    return searched
