@@ -152,7 +152,8 @@ class EmbeddedS3:
         )
 
     def vacuum(self, timeout: float = 120.0) -> None:
-        """Compact every volume holding deleted objects now: their bytes leave the disk (after a purge)."""
+        """Compact every volume holding deleted objects now: their bytes leave the disk (after a purge).
+        The master knows of a deletion once the volume server's next heartbeat told it (a few seconds)."""
         import urllib.request
 
         if not self.running:

@@ -161,9 +161,9 @@ def _search_everywhere(served, s3_server, ray_cluster, tenant: str, traces: dict
         if body[:2] == b"\x1f\x8b":
             look(item["Key"] + " (gunzipped)", gzip.decompress(body))
     searched["object versions"] = len(versions.get("Versions", []))
-    s3_server.vacuum()
-    deadline = time.monotonic() + 20
-    while True:
+    deadline = time.monotonic() + 30
+    while True:  # the master learns of deletions from the volume server's heartbeat: vacuum until compacted
+        s3_server.vacuum()
         found_before = len(found)
         files = [p for p in s3_server.data_dir.rglob("*.dat") if p.is_file()]
         for path in files:
