@@ -133,7 +133,15 @@ class CoordinatorActor:
         self._running = False
         self._timer: threading.Timer | None = None
         self.last_error: str | None = None
-        self.kick()  # a (re)started coordinator picks up what the ledger holds
+        if self._ledger_has_work():  # a restarted coordinator picks up what the ledger holds (a new one
+            self.kick()  # waits for its first submit, so requests recorded with start=False share one solve)
+
+    def _ledger_has_work(self) -> bool:
+        try:
+            return any(r.status.value in ("pending", "running") for r in self.core.store.list_receipts(self.tenant))
+        except Exception as error:  # noqa: BLE001 (S3 unreachable: kick anyway, the round says what is wrong)
+            logger.warning("tenant %s: cannot read the ledger at start (%s); starting a round", self.tenant, error)
+            return True
 
     def describe(self) -> dict[str, Any]:
         return {"tenant": self.tenant, "store": self.identity, "runner": self.core.runner.describe(),
