@@ -316,15 +316,19 @@ class Ingress:
         self.backend = load_backend(config.erasure_backend,
                                     BackendContext(store_settings=settings, notify_switch=self.notifier,
                                                    app_name=config.app_name))
+        self._init_guards()
+        logger.info("ingress ready: store %s, backend %s", settings.describe(), type(self.backend).__name__)
+
+    # -- auth ---------------------------------------------------------------------------------
+
+    def _init_guards(self) -> None:
+        """This replica's key caches, failure counts and per-tenant generation counts (all empty)."""
         self._auth: dict[str, tuple[str, float, str | None]] = {}  # sha256(key) -> (principal, expiry, key id)
         self._failed: dict[str, float] = {}  # sha256(key) -> refused without a check until then
         self._failures: dict[str, collections.deque] = {}  # client address -> times of its failed keys
         self._key_epoch: int | None = None  # the board's revocation epoch seen; None: not watching
         self._revocation_watcher: asyncio.Task | None = None
         self._running: dict[str, int] = {}  # tenant -> generations in flight on this replica
-        logger.info("ingress ready: store %s, backend %s", settings.describe(), type(self.backend).__name__)
-
-    # -- auth ---------------------------------------------------------------------------------
 
     async def _principal(self, request: Request) -> str | None:
         """'tenant:<name>' or 'admin' for the request's valid key, None otherwise.

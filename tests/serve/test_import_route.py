@@ -64,7 +64,8 @@ def ingress(world, s3_server, s3_bucket, tmp_path, monkeypatch):
     store.put_model(BASE_NAME, world["base"])
     this = Ingress.__new__(Ingress)
     this.config = ServeConfig.model_validate({"engine": {"model": BASE_NAME}})
-    this.store, this.board, this._auth = store, FakeBoard(), {}
+    this.store, this.board = store, FakeBoard()
+    this._init_guards()
     this.backend = ClusterBackend(LocalErasureService(settings), BackendContext(
         store_settings=settings, notify_switch=lambda tenant, version: None, app_name="tests"))
     return this
