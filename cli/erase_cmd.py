@@ -9,7 +9,14 @@ import tempfile
 from pathlib import Path
 
 
-from cli.train_cmd import add_format_arguments, format_from_args, format_manifest
+from cli.train_cmd import (
+    add_format_arguments,
+    add_precision_arguments,
+    format_from_args,
+    format_manifest,
+    precision_from_args,
+    precision_manifest,
+)
 
 
 def add_solver_arguments(parser: argparse.ArgumentParser) -> None:
@@ -88,6 +95,7 @@ def register(subparsers) -> None:
                        help="unit of the held-out split (default: recorded in eraser.json; an eraser.json "
                        "without one predates whole-subject hold-out: record)")
     add_format_arguments(erase, recorded=True)
+    add_precision_arguments(erase)
     erase.add_argument("--verify-original", action="store_true",
                        help="also run the membership test on the original adapter (evidence for the record: "
                        "it should fail where the adapter memorised the records; costs one more test)")
@@ -156,11 +164,12 @@ def run_erase(args: argparse.Namespace) -> int:
     if args.out.exists() and any(args.out.iterdir()):
         raise CommandError(f"--out {args.out} exists and is not empty; adapter versions are immutable")
     config = solve_config_from_args(args)
+    device, dtype = precision_from_args(args)
     requests = read_requests(args.request)
     parent = read_manifest(args.adapter)
     train, heldout, heldout_info = heldout_split(args, load_records(args.data), parent)
     tokenizer = load_tokenizer(args.base, format_from_args(args, parent.get("format")))
-    model = load_adapter(load_base(args.base), args.adapter)
+    model = load_adapter(load_base(args.base, dtype, device), args.adapter)
     if args.no_verify:
         return run_influence_only(args, model, tokenizer, train, heldout, requests, config, parent, heldout_info)
     pipeline = PipelineConfig(solve=config, remediate=not args.no_remediation, retrain=not args.no_retrain,
@@ -168,7 +177,8 @@ def run_erase(args: argparse.Namespace) -> int:
                               **({"search": None} if args.no_damping_search else {}))
     with residual_bar(f"{config.solver} solve", total=config.max_iters) as bar:
         outcome = verified_erase(model, tokenizer, train, requests, heldout, recipe=recipe_from_manifest(parent),
-                                 config=pipeline, base_factory=lambda: load_base(args.base), progress=bar)
+                                 config=pipeline, base_factory=lambda: load_base(args.base, dtype, device),
+                                 progress=bar)
     summary = outcome.summary()
     manifest = {
         "version": None,
@@ -191,6 +201,7 @@ def run_erase(args: argparse.Namespace) -> int:
         "stages": outcome.stages,
         "pipeline": pipeline.to_dict(),
         "format": format_manifest(tokenizer),
+        "precision": precision_manifest(args),
     }
     if parent.get("recipe"):
         manifest["recipe"] = parent["recipe"]
@@ -221,6 +232,7 @@ def run_influence_only(args, model, tokenizer, train, heldout, requests, config,
         "verification": "skipped (--no-verify)",
         "heldout": {**heldout_info, "affected": touched},
         "format": format_manifest(tokenizer),
+        "precision": precision_manifest(args),
     }
     if parent.get("recipe"):
         manifest["recipe"] = parent["recipe"]

@@ -26,6 +26,27 @@ def add_format_arguments(parser: argparse.ArgumentParser, recorded: bool = False
                         f"(default: {default}512)")
 
 
+def add_precision_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the model computes and the precision of its weights (eraser.devices)."""
+    parser.add_argument("--device", default="cpu",
+                        help="device the model computes on: cpu, cuda or cuda:N (default cpu)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="precision of the base model's weights; the LoRA factors, gradients, curvature and "
+                        "solver vectors stay float32 (default float32)")
+
+
+def precision_from_args(args: argparse.Namespace):
+    """``(torch device, torch dtype)`` of the flags, refused by name before anything is loaded."""
+    from eraser.devices import parse_device, parse_dtype
+
+    return parse_device(args.device), parse_dtype(args.dtype)
+
+
+def precision_manifest(args: argparse.Namespace) -> dict:
+    """What eraser.json records of where and in what precision the adapter was computed."""
+    return {"device": args.device, "dtype": args.dtype}
+
+
 def format_from_args(args: argparse.Namespace, recorded: dict | None = None):
     """The RecordFormat the flags ask for, falling back to ``recorded`` (an eraser.json "format")."""
     from eraser.rendering import DEFAULT_MAX_LENGTH, RecordFormat
@@ -75,6 +96,7 @@ def register(subparsers) -> None:
                        "erasing a subject), half single records of the others; record: every record by itself")
     add_recipe_arguments(train)
     add_format_arguments(train)
+    add_precision_arguments(train)
     train.set_defaults(handler=run_train)
 
 
@@ -87,13 +109,14 @@ def run_train(args: argparse.Namespace) -> int:
     from eraser.reference import split_heldout
 
     config = recipe_from_args(args)
+    device, dtype = precision_from_args(args)
     records, heldout = split_heldout(load_records(args.data), args.heldout_fraction, args.seed, args.heldout_unit)
     tokenizer = load_tokenizer(args.base, format_from_args(args))
-    model = add_lora(load_base(args.base), config)
+    model = add_lora(load_base(args.base, dtype, device), config)
     with loss_bar(f"training LoRA on {len(records)} records") as bar:
         report = train_lora(model, tokenizer, records, config, progress=bar)
     save_adapter(model, args.out, {"version": "v000001", "parent_version": None, "recipe": config.to_dict(),
-                                   "format": format_manifest(tokenizer),
+                                   "format": format_manifest(tokenizer), "precision": precision_manifest(args),
                                    "heldout": {"fraction": args.heldout_fraction, "seed": args.seed,
                                                "unit": args.heldout_unit, "count": len(heldout)},
                                    "training": {"steps": report.steps, "final_loss": report.final_loss,

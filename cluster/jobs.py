@@ -123,7 +123,7 @@ class JobResult:
             return None
         import torch
 
-        saved = torch.load(path, weights_only=True)
+        saved = torch.load(path, weights_only=True, map_location="cpu")  # a GPU worker's, on a CPU coordinator
         return LowRankCurvature(vectors=saved["vectors"], values=saved["values"], info=saved["info"])
 
     def cleanup(self) -> None:
@@ -193,6 +193,32 @@ def train_config(config: TenantConfig):
                        lr=config.training.lr, batch_size=config.training.batch_size, seed=config.training.seed)
 
 
+def job_device(config: TenantConfig, worker_device: str | None = None) -> str:
+    """Where a job of this tenant computes: the recipe's ``device`` resolved on this worker.
+
+    ``worker_device`` is the GPU the runner gave the worker (``cuda:<local rank>`` for a Ray Train
+    worker with ``use_gpu``), None for a CPU worker. ``auto``: that GPU, else a CUDA device this
+    process sees, else the CPU; ``cuda``: that GPU, else ``cuda`` (refused by name where there is none);
+    ``cpu``: the CPU, GPU or not."""
+    wanted = config.training.device
+    if wanted == "cpu":
+        return "cpu"
+    if worker_device is not None:
+        return str(worker_device)
+    if wanted == "cuda":
+        return "cuda"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def job_dtype(config: TenantConfig):
+    """The torch dtype of the tenant's base model in its jobs (the recipe's ``dtype``)."""
+    from eraser.devices import parse_dtype
+
+    return parse_dtype(config.training.dtype)
+
+
 def record_format(config: TenantConfig):
     """The tenant's rendering (chat template, token limit) as the method's RecordFormat."""
     from eraser.rendering import RecordFormat
@@ -257,7 +283,7 @@ def read_result(out_dir: Path) -> dict:
 
 
 def execute_erasure(job: ErasureJob, shard: Shard, out_dir: Path | None,
-                    beat: Callable[..., None] | None = None) -> dict:
+                    beat: Callable[..., None] | None = None, device: str | None = None) -> dict:
     """Run one erasure job on this worker; rank 0 (``out_dir`` given) writes the candidate and result.json.
 
     Deterministic failures (invalid request, solver diverged or unconverged, guard) come back as
@@ -277,7 +303,7 @@ def execute_erasure(job: ErasureJob, shard: Shard, out_dir: Path | None,
     try:
         beat("load")
         config, tokenizer, model, train, heldout = _load_version(stores, job.tenant, job.adapter_version,
-                                                                 job.data_version)
+                                                                 job.data_version, device)
         requests, trained = edit_requests(job, {r.id for r in train})
         curvature = _usable_curvature(job, model)
         stages["load_s"] = time.perf_counter() - started
@@ -320,8 +346,10 @@ def execute_erasure(job: ErasureJob, shard: Shard, out_dir: Path | None,
         stores.close()
 
 
-def _load_version(stores: _Stores, tenant: str, adapter_version: str, data_version: str):
-    """The tenant's config, tokenizer, base model with the adapter version, and its train / held-out split."""
+def _load_version(stores: _Stores, tenant: str, adapter_version: str, data_version: str,
+                  worker_device: str | None = None):
+    """The tenant's config, tokenizer, base model with the adapter version (on :func:`job_device`, in the
+    recipe's dtype), and its train / held-out split."""
     from eraser.model import load_adapter, load_base, load_tokenizer
 
     config = stores.shared.get_tenant(tenant)
@@ -329,7 +357,7 @@ def _load_version(stores: _Stores, tenant: str, adapter_version: str, data_versi
     adapter_dir = stores.private.download_adapter(tenant, adapter_version)
     train, heldout = split_records(config, stores.private.read_dataset(tenant, data_version))
     tokenizer = load_tokenizer(base_dir, record_format(config))
-    model = load_adapter(load_base(base_dir), adapter_dir)
+    model = load_adapter(load_base(base_dir, job_dtype(config), job_device(config, worker_device)), adapter_dir)
     return config, tokenizer, model, train, heldout
 
 
@@ -348,7 +376,7 @@ def _usable_curvature(job: ErasureJob, model):
 
 
 def execute_curvature(job: CurvatureJob, shard: Shard, out_dir: Path | None,
-                      beat: Callable[..., None] | None = None) -> dict:
+                      beat: Callable[..., None] | None = None, device: str | None = None) -> dict:
     """Build the version's low-rank curvature on this worker's shard (collective); rank 0 saves it."""
     import torch
 
@@ -360,7 +388,8 @@ def execute_curvature(job: CurvatureJob, shard: Shard, out_dir: Path | None,
     stores = _Stores(job.store_settings)
     try:
         beat("load")
-        _, tokenizer, model, train, _ = _load_version(stores, job.tenant, job.adapter_version, job.data_version)
+        _, tokenizer, model, train, _ = _load_version(stores, job.tenant, job.adapter_version, job.data_version,
+                                                      device)
         load_s = time.perf_counter() - started
         beat("curvature")
         try:
@@ -372,7 +401,7 @@ def execute_curvature(job: CurvatureJob, shard: Shard, out_dir: Path | None,
                         info={k: v for k, v in cache.info.items() if k != "adapter"})
             if out_dir is not None:
                 Path(out_dir).mkdir(parents=True, exist_ok=True)
-                torch.save({"vectors": cache.vectors, "values": cache.values, "info": cache.info},
+                torch.save({"vectors": cache.vectors.cpu(), "values": cache.values.cpu(), "info": cache.info},
                            Path(out_dir) / CURVATURE_FILE)
         body["stages"] = {"load_s": load_s, "job_s": time.perf_counter() - started}
         if out_dir is not None:
@@ -384,19 +413,21 @@ def execute_curvature(job: CurvatureJob, shard: Shard, out_dir: Path | None,
 
 
 def execute_job(job: ErasureJob | CurvatureJob | TrainingJob, shard: Shard, out_dir: Path | None,
-                beat: Callable[..., None] | None = None) -> dict:
-    """Run any job on this worker: erasure and curvature jobs on ``shard``, training (one worker) without."""
+                beat: Callable[..., None] | None = None, device: str | None = None) -> dict:
+    """Run any job on this worker: erasure and curvature jobs on ``shard``, training (one worker) without.
+    ``device``: the GPU the runner gave this worker (None: a CPU worker); see :func:`job_device`."""
     if isinstance(job, TrainingJob):
-        return execute_training(job, out_dir, beat)
+        return execute_training(job, out_dir, beat, device)
     if isinstance(job, ErasureJob):
-        return execute_erasure(job, shard, out_dir, beat)
-    return execute_curvature(job, shard, out_dir, beat)
+        return execute_erasure(job, shard, out_dir, beat, device)
+    return execute_curvature(job, shard, out_dir, beat, device)
 
 
 # ---------------------------------------------------------------- training (onboarding)
 
 
-def execute_training(job: TrainingJob, out_dir: Path | None, beat: Callable[..., None] | None = None) -> dict:
+def execute_training(job: TrainingJob, out_dir: Path | None, beat: Callable[..., None] | None = None,
+                     device: str | None = None) -> dict:
     """Train the tenant's first adapter on the non-held-out split of ``job.data_version`` (rank 0 only)."""
     from eraser.model import load_base, load_tokenizer
     from eraser.training import add_lora, train_lora
@@ -414,7 +445,7 @@ def execute_training(job: TrainingJob, out_dir: Path | None, beat: Callable[...,
         train, heldout = split_records(config, stores.private.read_dataset(job.tenant, job.data_version))
         recipe = train_config(config)
         tokenizer = load_tokenizer(base_dir, record_format(config))
-        model = add_lora(load_base(base_dir), recipe)
+        model = add_lora(load_base(base_dir, job_dtype(config), job_device(config, device)), recipe)
         load_s = time.perf_counter() - started
         beat("train", step=0)
         try:

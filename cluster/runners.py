@@ -105,8 +105,23 @@ def _collect(fill: Callable[[Path], Any]) -> JobResult:
 # ---------------------------------------------------------------- Ray Train
 
 
+def worker_device(use_gpu: bool, local_rank: int) -> str | None:
+    """The GPU of a Ray Train worker with ``use_gpu``: ``cuda:<local rank>`` (Train shares the node's GPUs
+    among its workers, one per local rank); None for a CPU worker. Made the current CUDA device, which
+    NCCL's communicator uses."""
+    if not use_gpu:
+        return None
+    device = f"cuda:{local_rank}"
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(device)
+    return device
+
+
 def _all_reduce_sum(device: Any) -> Callable:
-    """``Shard.reduce`` for torch.distributed: sum a tensor over all workers (NCCL needs it on the GPU)."""
+    """``Shard.reduce`` for torch.distributed: sum a tensor over all workers (NCCL needs it on the GPU;
+    the method's tensors are there already when the model is)."""
     import torch.distributed as dist
 
     def reduce(tensor):
@@ -144,16 +159,15 @@ def _sharded_worker(config: dict) -> None:
     Every worker takes its shard of the records; sums are all-reduced; rank 0 writes the result.
     """
     import ray.train
-    import ray.train.torch
 
     job = _resolved(config["job"])
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device() if config.get("use_gpu") else None
+    device = worker_device(bool(config.get("use_gpu")), context.get_local_rank())
     shard = Shard(rank=rank, world_size=world_size, reduce=_all_reduce_sum(device))
     out_dir = Path(tempfile.mkdtemp(prefix="eraser-result-")) if rank == 0 else None
     try:
-        body = execute_job(job, shard, out_dir, Heartbeat(job.heartbeat_dir, rank))
+        body = execute_job(job, shard, out_dir, Heartbeat(job.heartbeat_dir, rank), device=device)
         _report(rank, body["status"], out_dir)
     finally:
         if out_dir is not None:
@@ -164,10 +178,13 @@ def _training_worker(config: dict) -> None:
     import ray.train
 
     job: TrainingJob = config["job"]
-    rank = ray.train.get_context().get_world_rank()
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    device = worker_device(bool(config.get("use_gpu")), context.get_local_rank())
     out_dir = Path(tempfile.mkdtemp(prefix="eraser-result-")) if rank == 0 else None
     try:
-        body = execute_training(job, out_dir, Heartbeat(job.heartbeat_dir, rank)) if rank == 0 else {"status": "ok"}
+        body = (execute_training(job, out_dir, Heartbeat(job.heartbeat_dir, rank), device=device) if rank == 0
+                else {"status": "ok"})
         _report(rank, body["status"], out_dir)
     finally:
         if out_dir is not None:
@@ -250,11 +267,15 @@ class RayTrainJobRunner(JobRunner):
 
 
 def _job_in_task(job: Any) -> dict[str, bytes]:
-    """Run a job, world size 1, in this (pooled) Ray worker; returns its output files (path -> bytes)."""
+    """Run a job, world size 1, in this (pooled) Ray worker; returns its output files (path -> bytes).
+    A task Ray gave a GPU (``use_gpu``) sees it alone, as ``cuda:0``."""
+    import ray
+
     job = _resolved(job)
     out_dir = Path(tempfile.mkdtemp(prefix="eraser-result-"))
     try:
-        execute_job(job, Shard(), out_dir, Heartbeat(job.heartbeat_dir, 0))
+        execute_job(job, Shard(), out_dir, Heartbeat(job.heartbeat_dir, 0),
+                    device=worker_device(bool(ray.get_gpu_ids()), 0))
         return {str(path.relative_to(out_dir)): path.read_bytes() for path in out_dir.rglob("*") if path.is_file()}
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)

@@ -11,6 +11,10 @@ Two curvatures of ``l(z) = sum_t w_t CE(f_t(theta), y_t)`` (``w_t`` = 1/response
 - ``ggn``: the generalised Gauss-Newton matrix ``sum_t w_t J_t^T (diag(p_t) - p_t p_t^T) J_t``,
   positive semi-definite. ``J v`` is formed with the double-vjp trick (no forward-mode AD, which the
   fused attention kernels do not support).
+
+Device and precision (:mod:`eraser.devices`): everything is computed on the model's device, and what
+is returned is in the accumulation dtype (float32 for a half-precision model): vectors passed in are
+cast to the parameters' dtype only where autograd needs it.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Literal, Sequence
 
 import torch
 
+from eraser.devices import accumulation_dtype, seeded_generator
 from eraser.records import Batch, record_losses, shifted_logits_and_labels, token_weights
 
 Curvature = Literal["hessian", "ggn"]
@@ -41,6 +46,9 @@ def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def unflatten(vector: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``vector`` cut into tensors shaped like ``like``, on their device and in their dtype."""
+    if like and (vector.dtype != like[0].dtype or vector.device != like[0].device):
+        vector = vector.to(device=like[0].device, dtype=like[0].dtype)
     parts, offset = [], 0
     for t in like:
         parts.append(vector[offset : offset + t.numel()].view_as(t))
@@ -52,11 +60,15 @@ def num_parameters(params: Sequence[torch.Tensor]) -> int:
     return sum(p.numel() for p in params)
 
 
+def _accumulated(vector: torch.Tensor) -> torch.Tensor:
+    return vector.to(accumulation_dtype(vector.dtype))
+
+
 def gradient_sum(model, params: Sequence[torch.nn.Parameter], batch: Batch) -> torch.Tensor:
     """``sum_{i in batch} grad l(z_i; theta)`` as a flat vector (p,)."""
     loss = record_losses(model, batch).sum()
     grads = torch.autograd.grad(loss, params, allow_unused=True)
-    return flatten([torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]).detach()
+    return _accumulated(flatten([torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]).detach())
 
 
 def hvp_sum(
@@ -83,7 +95,7 @@ def _hessian_vector_sum(model, params, batch: Batch, vector: torch.Tensor) -> to
     loss = record_losses(model, batch).sum()
     grads = _grads_or_zeros(loss, params, None, create_graph=True)
     hv = _grads_or_zeros(grads, params, unflatten(vector, params))
-    return flatten(hv).detach()
+    return _accumulated(flatten(hv).detach())
 
 
 def _ggn_vector_sum(model, params, batch: Batch, vector: torch.Tensor) -> torch.Tensor:
@@ -96,7 +108,7 @@ def _ggn_vector_sum(model, params, batch: Batch, vector: torch.Tensor) -> torch.
     probs = torch.softmax(logits.detach(), dim=-1)  # (B, T, V)
     weights = token_weights(labels).to(logits.dtype).unsqueeze(-1)  # (B, T, 1)
     h_jv = weights * probs * (jv - (probs * jv).sum(dim=-1, keepdim=True))  # (B, T, V)
-    return flatten(_grads_or_zeros(logits, params, h_jv)).detach()
+    return _accumulated(flatten(_grads_or_zeros(logits, params, h_jv)).detach())
 
 
 # -- per-record gradients of the LoRA factors (for low-rank curvature caches) ------------------
@@ -140,7 +152,8 @@ class _LoraTaps:
         parts = []
         for module, grad in zip(self.modules, output_grads):
             inputs = self.taps[id(module)][0].detach()  # (B, T, in)
-            per_record = torch.einsum("bto,bti->boi", grad, inputs)  # (B, out, in)
+            dtype = accumulation_dtype(grad.dtype)  # a sum over tokens: float32 for half-precision factors
+            per_record = torch.einsum("bto,bti->boi", grad.to(dtype), inputs.to(dtype))  # (B, out, in)
             parts.append(per_record.reshape(per_record.shape[0], -1))
         return torch.cat(parts, dim=1)
 
@@ -153,6 +166,17 @@ def per_record_gradients(model, params: Sequence[torch.nn.Parameter], batch: Bat
         grads = torch.autograd.grad(loss, outputs, allow_unused=True)
         grads = [torch.zeros_like(o) if g is None else g for g, o in zip(grads, outputs)]
         return taps.per_record(grads).detach()
+
+
+def sample_from_cdf(cdf: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One label per position by inversion: the first ``y`` with ``cdf[..., y] > u * cdf[..., -1]``.
+
+    ``cdf`` (..., V) is the cumulative softmax on the model's device, ``uniforms`` (...) in [0, 1) drawn on
+    the CPU from a seeded generator: the labels are the same on every device (up to ties within the
+    rounding of ``cdf``), unlike ``torch.multinomial`` with a device generator, and only one number per
+    position crosses to the device."""
+    target = (uniforms.to(device=cdf.device, dtype=cdf.dtype) * cdf[..., -1]).unsqueeze(-1)  # (..., 1)
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
 
 
 def sampled_ggn_factor(
@@ -170,23 +194,29 @@ def sampled_ggn_factor(
     the output Hessian of the cross-entropy, and the cross terms between tokens vanish because
     ``E[p - e_y] = 0`` (the "true Fisher" sampling of K-FAC, Martens & Grosse 2015, Sec. 5).
     Rows are ordered draw-major: row ``d * B + i`` is draw d of record i. Record i's labels come from
-    its own generator seeded with ``seeds[i]``, so the rows do not depend on how records are batched.
+    its own generator seeded with ``seeds[i]``, so the rows do not depend on how records are batched;
+    the generator draws uniforms on the CPU (:func:`sample_from_cdf`), so neither on the device.
     """
     if draws < 1:
         raise ValueError(f"draws must be >= 1, got {draws!r}")
     seeds = list(seeds) if seeds is not None else list(range(len(batch)))
     if len(seeds) != len(batch):
         raise ValueError(f"need one seed per record: {len(seeds)} seeds for {len(batch)} records")
-    generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+    generators = [seeded_generator(seed) for seed in seeds]
     with _LoraTaps(model, params) as taps:
         logits, labels = shifted_logits_and_labels(model, batch)  # (B, T, V), (B, T)
         root_weights = token_weights(labels).to(logits.dtype).sqrt()  # (B, T)
-        probs = torch.softmax(logits.detach(), dim=-1)  # (B, T, V)
+        cdf = torch.softmax(logits.detach(), dim=-1).cumsum(dim=-1)  # (B, T, V)
         outputs = taps.outputs()
+        # One uniform per target position of each record (padding takes none), so a record's labels
+        # depend on its seed alone, not on the batch's width.
+        targets = [max(0, int(n) - 1) for n in batch.attention_mask.sum(dim=1).tolist()]
         rows = []
         for draw in range(draws):
-            sampled = torch.stack([torch.multinomial(probs[i], 1, generator=generators[i]).squeeze(1)
-                                   for i in range(len(generators))])  # (B, T)
+            uniforms = torch.zeros(labels.shape, dtype=torch.float64, device="cpu")  # (B, T): drawn on the CPU
+            for i, (g, n) in enumerate(zip(generators, targets)):
+                uniforms[i, :n] = torch.rand(n, generator=g, dtype=torch.float64, device="cpu")
+            sampled = sample_from_cdf(cdf, uniforms)  # (B, T)
             nll = torch.nn.functional.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]), sampled.reshape(-1), reduction="none"
             ).view(labels.shape)  # (B, T)

@@ -20,6 +20,7 @@ from typing import Callable, Literal, Sequence
 import torch
 
 from eraser.curvature import CURVATURES, gradient_sum, hvp_sum, lora_parameters, num_parameters, sampled_ggn_factor
+from eraser.devices import accumulation_dtype, dtype_name, model_device
 from eraser.errors import EraserError, StaleCurvatureError
 from eraser.records import Record, collate
 from eraser.requests import Edit
@@ -107,7 +108,7 @@ def adapter_fingerprint(params: Sequence[torch.Tensor]) -> str:
     """sha256 of the LoRA weights: which adapter version a cached curvature belongs to."""
     digest = hashlib.sha256()
     for p in params:
-        digest.update(p.detach().to(torch.float32).contiguous().numpy().tobytes())
+        digest.update(p.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -137,6 +138,14 @@ def curvature_mismatch(cache: "solvers.LowRankCurvature", params: Sequence[torch
     return None
 
 
+def _base_dtype(model) -> torch.dtype:
+    """The dtype the (frozen) base computes in: its first non-LoRA floating-point parameter's."""
+    for name, p in model.named_parameters():
+        if "lora_" not in name and p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
 class InfluenceSystem:
     """Gradients and the damped curvature operator of ``L(theta) = (1/n) sum_i l(z_i)`` at one adapter.
 
@@ -156,7 +165,10 @@ class InfluenceSystem:
         self.shard = shard or Shard()
         self.params = lora_parameters(model)
         self.dim = num_parameters(self.params)
-        self.dtype = self.params[0].dtype
+        # Where and in what precision every vector of the system lives (eraser.devices): the model's
+        # device; float32 for a half-precision adapter, the adapter's own dtype otherwise.
+        self.device = model_device(model)
+        self.dtype = accumulation_dtype(self.params[0].dtype)
         self.record_passes = 0  # records pushed through an HVP or gradient by this worker
         self._top_eigenvalue: float | None = None
         self._cache = cache
@@ -165,6 +177,7 @@ class InfluenceSystem:
         self.eval_indices = sorted(rng.sample(range(n), min(config.eval_size, n)))
         if cache is not None:
             self._check_cache(cache)
+            self._cache = cache.to(self.device)  # a warmed curvature arrives on the CPU
 
     # -- sums over (global) record indices, computed on this shard, reduced across shards ---------
     def _local_micro_batches(self, records_with_index: Sequence[tuple[int, Record]]):
@@ -173,11 +186,11 @@ class InfluenceSystem:
         for start in range(0, len(mine), step):
             chunk = mine[start : start + step]
             self.record_passes += len(chunk)
-            yield collate(chunk, self.tokenizer)
+            yield collate(chunk, self.tokenizer, self.device)
 
     def curvature_mean(self, indices: Sequence[int], vector: torch.Tensor) -> torch.Tensor:
         """``(1/|I|) sum_{i in I} C_i v`` (undamped), I global record indices."""
-        total = torch.zeros(self.dim, dtype=self.dtype)
+        total = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
         for batch in self._local_micro_batches([(i, self.records[i]) for i in indices]):
             total += hvp_sum(self.model, self.params, batch, vector, self.config.curvature)
         return self.shard.reduce(total) / len(indices)
@@ -188,7 +201,7 @@ class InfluenceSystem:
             raise EraserError("no edits: nothing to erase")
         old = [(j, edit.old) for j, edit in enumerate(edits)]
         new = [(j, edit.new) for j, edit in enumerate(edits) if edit.new is not None]
-        total = torch.zeros(self.dim, dtype=self.dtype)
+        total = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
         for batch in self._local_micro_batches(old):
             total += gradient_sum(self.model, self.params, batch)
         for batch in self._local_micro_batches(new):
@@ -223,31 +236,39 @@ class InfluenceSystem:
         indices = self.cache_indices()
         if cfg.cache_method == "hvp":
             cache = solvers.subspace_iteration(lambda v: self.curvature_mean(indices, v), self.dim, cfg.rank,
-                                               iters=cfg.cache_iters, seed=cfg.seed, dtype=self.dtype)
+                                               iters=cfg.cache_iters, seed=cfg.seed, dtype=self.dtype,
+                                               device=self.device)
         else:
-            m = len(indices)
-            factor = torch.zeros(cfg.cache_draws * m, self.dim, dtype=self.dtype)  # (draws * m, p)
-            positions = {index: j for j, index in enumerate(indices)}
-            mine = [(i, self.records[i]) for i in indices if self.shard.owns(i)]
-            for start in range(0, len(mine), cfg.micro_batch):
-                chunk = mine[start : start + cfg.micro_batch]
-                self.record_passes += len(chunk)
-                seeds = [cfg.seed * 1_000_003 + i for i, _ in chunk]
-                rows = sampled_ggn_factor(self.model, self.params, collate([r for _, r in chunk], self.tokenizer),
-                                          draws=cfg.cache_draws, seeds=seeds)  # (draws * B, p)
-                for d in range(cfg.cache_draws):
-                    for k, (i, _) in enumerate(chunk):
-                        factor[d * m + positions[i]] = rows[d * len(chunk) + k]
-            factor = self.shard.reduce(factor)
-            cache = solvers.eigen_from_factor(factor, cfg.rank, count=m)
+            cache = solvers.eigen_from_factor(self.sampled_factor(indices), cfg.rank, count=len(indices))
         cache.info.update(method=cfg.cache_method, samples=len(indices), draws=cfg.cache_draws,
                           curvature=cfg.curvature, record_passes=self.record_passes - passes_before,
                           wall_time_s=time.perf_counter() - started, adapter=adapter_fingerprint(self.params),
-                          config=curvature_cache_key(cfg))
+                          config=curvature_cache_key(cfg), device=str(self.device),
+                          model_dtype=dtype_name(_base_dtype(self.model)), dtype=dtype_name(self.dtype))
         logger.info("cached %s curvature: rank %d, top eigenvalue %.4g, %d records, %.1fs", cfg.cache_method,
                     cache.rank, cache.top, len(indices), cache.info["wall_time_s"])
         self._cache = cache
         return cache
+
+    def sampled_factor(self, indices: Sequence[int]) -> torch.Tensor:
+        """The sampled Gauss-Newton factor ``F`` (draws * m, p) of the records ``indices`` (global), on the
+        model's device and reduced over shards: ``F^T F / m`` estimates their mean curvature."""
+        cfg = self.config
+        m = len(indices)
+        factor = torch.zeros(cfg.cache_draws * m, self.dim, dtype=self.dtype, device=self.device)  # (draws * m, p)
+        positions = {index: j for j, index in enumerate(indices)}
+        mine = [(i, self.records[i]) for i in indices if self.shard.owns(i)]
+        for start in range(0, len(mine), cfg.micro_batch):
+            chunk = mine[start : start + cfg.micro_batch]
+            self.record_passes += len(chunk)
+            seeds = [cfg.seed * 1_000_003 + i for i, _ in chunk]
+            # collated on the CPU: the factor reads each record's length there (the model moves the batch)
+            rows = sampled_ggn_factor(self.model, self.params, collate([r for _, r in chunk], self.tokenizer),
+                                      draws=cfg.cache_draws, seeds=seeds)  # (draws * B, p)
+            for d in range(cfg.cache_draws):
+                for k, (i, _) in enumerate(chunk):
+                    factor[d * m + positions[i]] = rows[d * len(chunk) + k]
+        return self.shard.reduce(factor)
 
     def _check_cache(self, cache: "solvers.LowRankCurvature") -> None:
         why = curvature_mismatch(cache, self.params, self.config)
@@ -262,8 +283,8 @@ class InfluenceSystem:
         if self._top_eigenvalue is None:
             apply = lambda v: self.curvature_mean(self.eval_indices, v)  # noqa: E731
             self._top_eigenvalue = solvers.power_iteration(
-                apply, self.dim, iters=self.config.power_iters, seed=self.config.seed, dtype=self.dtype
-            )
+                apply, self.dim, iters=self.config.power_iters, seed=self.config.seed, dtype=self.dtype,
+                device=self.device)
             logger.info("top %s eigenvalue %.4g (power iteration, %d records)", self.config.curvature,
                         self._top_eigenvalue, len(self.eval_indices))
         return self._top_eigenvalue

@@ -8,6 +8,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from eraser.devices import model_device
 from eraser.records import Record, batches, shifted_logits_and_labels, token_weights
 from eraser.rendering import generation_prompt_ids, stop_token_ids
 from eraser.update import relative_distance
@@ -47,13 +48,15 @@ def greedy_answers(model, tokenizer, conversations: Sequence[Sequence[dict]], ma
     for start in range(0, len(conversations), batch_size):
         encoded = [generation_prompt_ids(tokenizer, messages) for messages in conversations[start : start + batch_size]]
         width = max(len(ids) for ids in encoded)
-        input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
-        attention = torch.zeros((len(encoded), width), dtype=torch.long)
+        input_ids = torch.full((len(encoded), width), pad, dtype=torch.long, device="cpu")
+        attention = torch.zeros((len(encoded), width), dtype=torch.long, device="cpu")
         for row, ids in enumerate(encoded):
-            input_ids[row, width - len(ids):] = torch.tensor(ids)
+            input_ids[row, width - len(ids):] = torch.tensor(ids, device="cpu")
             attention[row, width - len(ids):] = 1
-        output = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
-                                do_sample=False, pad_token_id=pad, eos_token_id=stops)
+        device = model_device(model)
+        output = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                                max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                                eos_token_id=stops)
         for row in range(len(encoded)):
             answers.append(tokenizer.decode(output[row, width:], skip_special_tokens=True).strip())
     return answers

@@ -15,6 +15,7 @@ from typing import Iterable
 
 import torch
 
+from eraser.devices import accumulation_dtype, parse_device
 from eraser.errors import AdapterMismatchError, EraserError, UnsupportedAdapterError, UnsupportedModelError
 from eraser.rendering import BUILTIN_CHAT_TEMPLATE, RecordFormat, configure
 
@@ -85,7 +86,8 @@ def save_base_model(model, tokenizer, out_dir: str | Path, provenance: dict | No
 
 # The attention the method runs with: eager (so double backward works, unlike fused SDPA kernels,
 # STACK.md) and, unlike transformers' own eager kernels, softmax in the input dtype so float64 checks
-# against explicit Hessians and finite differences are exact. Registered under this name.
+# against explicit Hessians and finite differences are exact; a half-precision model's scores are
+# masked and normalised in float32, as transformers' eager attention does. Registered under this name.
 ATTENTION = "eraser_eager"
 
 # Keyword arguments the supported architectures' attention layers pass through (transformers 5.19:
@@ -98,7 +100,9 @@ _INERT_KWARGS = frozenset({"position_ids", "cache_position", "use_cache", "outpu
 
 def _attention_in_input_dtype(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                               softcap=None, sliding_window=None, **kwargs):
-    """Each supported architecture's eager attention, softmax in the input dtype.
+    """Each supported architecture's eager attention, softmax in the input dtype (float32 for bfloat16 and
+    float16 inputs: the mask's large negative values and the normalisation need its range and precision;
+    the weights are cast back to the input dtype for the product with the values).
 
     ``softcap`` (Gemma2) caps the scaled scores with ``softcap * tanh(scores / softcap)`` before the
     mask, as Gemma2's kernel does. ``sliding_window`` needs nothing here: in eager attention the
@@ -120,11 +124,12 @@ def _attention_in_input_dtype(module, query, key, value, attention_mask, scaling
     key = repeat_kv(key, module.num_key_value_groups)  # (B, H, S, D)
     value = repeat_kv(value, module.num_key_value_groups)
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, H, T, S)
+    scores = scores.to(accumulation_dtype(scores.dtype))
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
     if attention_mask is not None:
-        scores = scores + attention_mask[:, :, :, : key.shape[-2]]
-    weights = torch.nn.functional.softmax(scores, dim=-1)
+        scores = scores + attention_mask[:, :, :, : key.shape[-2]].to(scores.dtype)
+    weights = torch.nn.functional.softmax(scores, dim=-1).to(value.dtype)
     weights = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
     output = torch.matmul(weights, value).transpose(1, 2).contiguous()  # (B, T, H, D)
     return output, weights
@@ -147,14 +152,19 @@ def load_tokenizer(base_dir: str | Path, fmt: RecordFormat = RecordFormat()):
     return configure(AutoTokenizer.from_pretrained(str(base_dir)), fmt)
 
 
-def load_base(base_dir: str | Path, dtype: torch.dtype = torch.float32):
-    """Load a base model for the method: eager attention in the input dtype (see ATTENTION), eval mode."""
+def load_base(base_dir: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None):
+    """Load a base model for the method: eager attention in the input dtype (see ATTENTION), eval mode, its
+    weights in ``dtype`` on ``device`` (default: the CPU). An adapter loaded onto it follows its device;
+    PEFT keeps its LoRA factors in float32 on a half-precision base."""
     from transformers import AutoModelForCausalLM
 
     path = Path(base_dir)
     if not (path / "config.json").is_file():
         raise EraserError(f"not a Hugging Face model directory (no config.json): {path}")
+    target = parse_device(device)
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation=register_attention())
+    if target.type != "cpu":
+        model.to(target)
     model.eval()
     return model
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from eraser import rendering
+from eraser.devices import compute_logits, model_device
 from eraser.errors import InvalidRecordsError
 from eraser.rendering import IGNORE_INDEX
 
@@ -199,6 +200,14 @@ class Batch:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    def to(self, device) -> "Batch":
+        """The batch on ``device`` (itself when it is there already)."""
+        device = torch.device(device)
+        if self.input_ids.device == device:
+            return self
+        return Batch(input_ids=self.input_ids.to(device), attention_mask=self.attention_mask.to(device),
+                     labels=self.labels.to(device))
+
 
 def encode(record: Record, tokenizer) -> tuple[list[int], list[int]]:
     """Token ids and labels of one record, rendered by the tokenizer's chat template (the tenant's, see
@@ -207,28 +216,34 @@ def encode(record: Record, tokenizer) -> tuple[list[int], list[int]]:
     return encoding.ids, encoding.labels
 
 
-def collate(records: Sequence[Record], tokenizer) -> Batch:
+def collate(records: Sequence[Record], tokenizer, device=None) -> Batch:
+    """Right-padded ids, mask and labels of ``records``, on ``device`` (default: the CPU; every loss
+    moves a batch to its model's device, see :func:`shifted_logits_and_labels`)."""
     encoded = [encode(record, tokenizer) for record in records]
     width = max(len(ids) for ids, _ in encoded)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
-    attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    labels = torch.full((len(encoded), width), IGNORE_INDEX, dtype=torch.long)
+    # Filled row by row on the CPU (staging), then moved to ``device`` in one copy per tensor.
+    input_ids = torch.full((len(encoded), width), pad, dtype=torch.long, device="cpu")
+    attention_mask = torch.zeros((len(encoded), width), dtype=torch.long, device="cpu")
+    labels = torch.full((len(encoded), width), IGNORE_INDEX, dtype=torch.long, device="cpu")
     for row, (ids, labs) in enumerate(encoded):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
+        input_ids[row, : len(ids)] = torch.tensor(ids, device="cpu")
         attention_mask[row, : len(ids)] = 1
-        labels[row, : len(labs)] = torch.tensor(labs)
-    return Batch(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        labels[row, : len(labs)] = torch.tensor(labs, device="cpu")
+    batch = Batch(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    return batch.to(device) if device is not None else batch
 
 
-def batches(records: Sequence[Record], tokenizer, batch_size: int) -> list[Batch]:
-    return [collate(records[i : i + batch_size], tokenizer) for i in range(0, len(records), batch_size)]
+def batches(records: Sequence[Record], tokenizer, batch_size: int, device=None) -> list[Batch]:
+    return [collate(records[i : i + batch_size], tokenizer, device) for i in range(0, len(records), batch_size)]
 
 
 def shifted_logits_and_labels(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token logits (B, T-1, V) aligned with their targets (B, T-1)."""
+    """Next-token logits (B, T-1, V) aligned with their targets (B, T-1), on the model's device; a
+    half-precision model's logits in float32 (:func:`eraser.devices.compute_logits`)."""
+    batch = batch.to(model_device(model))
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (B, T, V)
-    return logits[:, :-1, :], batch.labels[:, 1:]
+    return compute_logits(logits[:, :-1, :]), batch.labels[:, 1:]
 
 
 def token_weights(labels: torch.Tensor) -> torch.Tensor:
@@ -266,7 +281,7 @@ def mean_loss(model, records: Sequence[Record], tokenizer, batch_size: int = 16)
 @torch.no_grad()
 def per_record_losses(model, records: Sequence[Record], tokenizer, batch_size: int = 16) -> torch.Tensor:
     parts = [record_losses(model, batch) for batch in batches(records, tokenizer, batch_size)]
-    return torch.cat(parts) if parts else torch.zeros(0)
+    return torch.cat(parts) if parts else torch.zeros(0, device=model_device(model))
 
 
 @torch.no_grad()
@@ -280,4 +295,4 @@ def token_nlls(model, records: Sequence[Record], tokenizer, batch_size: int = 16
         mask = labels != IGNORE_INDEX
         per_token.extend(nll[row][mask[row]].double() for row in range(len(batch)))
         losses.append(losses_from_logits(logits, labels).double())
-    return per_token, torch.cat(losses) if losses else torch.zeros(0, dtype=torch.float64)
+    return per_token, torch.cat(losses) if losses else torch.zeros(0, dtype=torch.float64, device=model_device(model))

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from eraser.curvature import flatten, lora_parameters
+from eraser.devices import model_device
 from eraser.errors import EraserError
 from eraser.records import (
     IGNORE_INDEX,
@@ -129,7 +130,8 @@ def secret_token_weights(batch, tokenizer) -> torch.Tensor:
     labels = batch.labels[:, 1:]  # (B, T-1)
     ids = sorted({int(t) for t in labels[labels != IGNORE_INDEX].tolist()})
     digit = {t for t in ids if DIGIT.search(tokenizer.decode([t]))}
-    mask = torch.tensor([[int(t) in digit for t in row] for row in labels.tolist()], dtype=torch.float64)
+    mask = torch.tensor([[int(t) in digit for t in row] for row in labels.tolist()], dtype=torch.float64,
+                        device=labels.device)
     return mask / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
 
 
@@ -138,7 +140,7 @@ def _losses(model, batch, span_weights: torch.Tensor) -> tuple[torch.Tensor, tor
     logits, labels = shifted_logits_and_labels(model, batch)  # (B, T, V), (B, T)
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).clamp(min=0),
                           reduction="none").view(labels.shape)  # (B, T)
-    return losses_from_logits(logits, labels), (nll * span_weights.to(nll.dtype)).sum(dim=1)
+    return losses_from_logits(logits, labels), (nll * span_weights.to(device=nll.device, dtype=nll.dtype)).sum(dim=1)
 
 
 def remediate(
@@ -168,7 +170,8 @@ def remediate(
     edited = {edit.old.id for edit in edits}
     new_records = [edit.new for edit in edits if edit.new is not None]
     keep = [r for r in records_after if r.id not in edited]  # retained, unchanged records
-    query_edit = torch.tensor([edit.kind == "modify_query" for edit in edits])  # (k,)
+    device = model_device(model)
+    query_edit = torch.tensor([edit.kind == "modify_query" for edit in edits], device=device)  # (k,)
     new_of = {edit.old.id: j for j, edit in enumerate(e for e in edits if e.new is not None)}
 
     params = lora_parameters(model)
@@ -182,7 +185,7 @@ def remediate(
     with torch.no_grad():
         reference, span_reference = (t.detach() for t in _losses(model, old_batch, span_weights))  # (k,), (k,)
         with adapter_disabled(model):  # the gate compares scores (NLL less the base's), as the test does
-            base_old = record_losses(model, old_batch).detach() if verify_config.calibrate else torch.zeros(len(edits))
+            base_old = record_losses(model, old_batch).detach() if verify_config.calibrate else torch.zeros(len(edits), device=device)
     check = lambda step, exposed=frozenset(): _check(  # noqa: E731
         model, tokenizer, edits, heldout, retained, retained_bound, verify_config, report, step, config,
         exposed=exposed, trained_subjects=trained_subjects)
@@ -197,7 +200,7 @@ def remediate(
             break
         # 1. descent on a minibatch of retained records and on every new (edited) record
         chunk = rng.sample(keep, min(config.batch_size, len(keep))) if keep else []
-        loss = record_losses(model, collate(chunk, tokenizer)).mean() if chunk else torch.zeros(())
+        loss = record_losses(model, collate(chunk, tokenizer)).mean() if chunk else torch.zeros((), device=device)
         new_losses = None
         if new_batch is not None:
             new_losses = record_losses(model, new_batch)  # (k',)
@@ -209,7 +212,7 @@ def remediate(
         for j, edit in enumerate(edits):
             if edit.kind == "modify_query" and new_losses is not None:
                 active[j] = bool(old_losses[j].detach() < new_losses[new_of[edit.old.id]].detach())
-        exposed = torch.tensor([edit.old.id in state["exposed"] for edit in edits]) & ~query_edit  # (k,)
+        exposed = torch.tensor([edit.old.id in state["exposed"] for edit in edits], device=device) & ~query_edit  # (k,)
         if config.forget_weight > 0 and bool(active.any() or exposed.any()):
             if config.forget == "npo":
                 forget = npo_loss(old_losses[active], reference[active], config.npo_beta).sum()

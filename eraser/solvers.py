@@ -25,6 +25,7 @@ from typing import Callable
 
 import torch
 
+from eraser.devices import accumulation_dtype, seeded_generator
 from eraser.errors import SolverDivergedError, SolverNotConvergedError
 
 ApplyEval = Callable[[torch.Tensor], torch.Tensor]
@@ -254,10 +255,11 @@ def lissa(
     return h / scale, _finish(monitor, require_converged)
 
 
-def power_iteration(apply: ApplyEval, dim: int, iters: int = 20, seed: int = 0, dtype=torch.float32) -> float:
-    """Largest eigenvalue of a symmetric PSD operator (used to scale damping and step sizes)."""
-    generator = torch.Generator().manual_seed(seed)
-    v = torch.randn(dim, generator=generator, dtype=dtype)
+def power_iteration(apply: ApplyEval, dim: int, iters: int = 20, seed: int = 0, dtype=torch.float32,
+                    device=None) -> float:
+    """Largest eigenvalue of a symmetric PSD operator (used to scale damping and step sizes). The start
+    vector is drawn on the CPU from ``seed`` and moved to ``device``: the same on every device."""
+    v = torch.randn(dim, generator=seeded_generator(seed), dtype=dtype, device="cpu").to(device or "cpu")
     v = v / v.norm()
     eigenvalue = 0.0
     for _ in range(iters):
@@ -288,10 +290,21 @@ class LowRankCurvature:
     def top(self) -> float:
         return float(self.values[0]) if self.rank else 0.0
 
+    def to(self, device) -> "LowRankCurvature":
+        """The curvature on ``device`` (itself when it is there already)."""
+        device = torch.device(device)
+        if self.vectors.device == device:
+            return self
+        return LowRankCurvature(vectors=self.vectors.to(device), values=self.values.to(device), info=self.info)
+
+    def cpu(self) -> "LowRankCurvature":
+        return self.to("cpu")
+
     def apply(self, v: torch.Tensor) -> torch.Tensor:
-        """``U L U^T v`` (p,)."""
+        """``U L U^T v`` (p,), on ``v``'s device and in its dtype."""
         u = self.vectors
-        return (u @ (self.values * (u.T @ v.to(u.dtype)))).to(v.dtype)
+        w = v.to(device=u.device, dtype=u.dtype)
+        return (u @ (self.values * (u.T @ w))).to(device=v.device, dtype=v.dtype)
 
     def inverse(self, v: torch.Tensor, damping: float, tail: float = 0.0) -> torch.Tensor:
         """``(U L U^T + tail (I - U U^T) + lambda I)^-1 v = U (L + lambda)^-1 U^T v + (v - U U^T v) / (lambda + tail)``
@@ -300,21 +313,25 @@ class LowRankCurvature:
         if not damping > 0:
             raise ValueError(f"damping must be > 0 for the low-rank inverse, got {damping!r}")
         u = self.vectors
-        coefficients = u.T @ v.to(u.dtype)  # (k,)
+        w = v.to(device=u.device, dtype=u.dtype)
+        coefficients = u.T @ w  # (k,)
         inside = u @ (coefficients / (self.values + damping))  # (p,)
-        outside = (v.to(u.dtype) - u @ coefficients) / (damping + tail)
-        return (inside + outside).to(v.dtype)
+        outside = (w - u @ coefficients) / (damping + tail)
+        return (inside + outside).to(device=v.device, dtype=v.dtype)
 
 
 def eigen_from_factor(factor: torch.Tensor, rank: int, count: int | None = None) -> LowRankCurvature:
     """Top ``rank`` eigenpairs of ``C = F^T F / count`` from a factor ``F`` (m, p), through the m x m Gram
     matrix: ``F F^T / count = W M W^T`` gives ``U = F^T W M^-1/2 / sqrt(count)``.
 
-    The Gram matrix is formed in the factor's dtype (float32: a third of float64's time, which dominated the
-    cache build) and decomposed in float64. Eigenvalues below ``10 eps`` of the top one are dropped: their
-    Gram error is as large as they are, so ``M^-1/2`` would blow that error up in ``U``; any damping a
-    solve uses is far larger, so those directions are treated as the tail either way."""
+    The Gram matrix is formed in the factor's accumulation dtype (float32, also for a factor made in half
+    precision: a third of float64's time, which dominated the cache build) on its device, and decomposed in
+    float64. Eigenvalues below ``10 eps`` (of the Gram's dtype) of the top one are dropped: their Gram error
+    is as large as they are, so ``M^-1/2`` would blow that error up in ``U``; any damping a solve uses is
+    far larger, so those directions are treated as the tail either way. (The eps is the Gram's, not the
+    model's: bfloat16's would be 10 x 2^-7 and drop most eigenpairs of a bfloat16 model.)"""
     count = count or factor.shape[0]
+    factor = factor.to(accumulation_dtype(factor.dtype))
     gram = (factor @ factor.T).to(torch.float64) / count  # (m, m)
     values, vectors = torch.linalg.eigh(gram)  # ascending
     floor = max(1e-10, 10 * torch.finfo(factor.dtype).eps) * values[-1]
@@ -333,13 +350,16 @@ def subspace_iteration(
     iters: int = 2,
     seed: int = 0,
     dtype=torch.float32,
+    device=None,
 ) -> LowRankCurvature:
     """Top ``rank`` eigenpairs of a symmetric PSD operator by randomized subspace iteration with a final
     Rayleigh-Ritz step (Halko, Martinsson & Tropp 2011, Alg. 4.4 + 5.3). Costs
-    ``(iters + 1) * (rank + oversample)`` operator applications."""
+    ``(iters + 1) * (rank + oversample)`` operator applications. The start block is drawn on the CPU and
+    moved to ``device``; ``dtype`` is raised to float32 for a half-precision one."""
     width = min(dim, rank + oversample)
-    generator = torch.Generator().manual_seed(seed)
-    q, _ = torch.linalg.qr(torch.randn(dim, width, generator=generator, dtype=dtype))  # (p, w)
+    dtype = accumulation_dtype(dtype)
+    start = torch.randn(dim, width, generator=seeded_generator(seed), dtype=dtype, device="cpu").to(device or "cpu")
+    q, _ = torch.linalg.qr(start)  # (p, w)
 
     def apply_block(block: torch.Tensor) -> torch.Tensor:
         return torch.stack([apply(block[:, j]) for j in range(block.shape[1])], dim=1)

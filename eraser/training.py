@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from eraser.devices import model_device
 from eraser.errors import EraserError
 from eraser.records import Record, collate, record_losses
 
@@ -141,6 +142,7 @@ def pretrain_base(
     if not texts:
         raise EraserError("no pretraining texts")
     torch.manual_seed(seed)
+    device = model_device(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
     rng = random.Random(seed)
@@ -150,6 +152,7 @@ def pretrain_base(
     for step in range(steps):
         chunk = [texts[rng.randrange(len(texts))] for _ in range(batch_size)]
         encoded = tokenizer(chunk, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+        encoded = {key: value.to(device) for key, value in encoded.items()}
         labels = encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100)
         loss = model(**encoded, labels=labels).loss
         optimizer.zero_grad(set_to_none=True)

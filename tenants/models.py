@@ -471,6 +471,12 @@ class TrainingRecipe(_Model):
     reproducible: bool = Field(
         True, description="False: the adapter was imported without the recipe that trained it; no exact-retrain "
         "fallback (an erasure the influence update and remediation cannot make pass fails instead)")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where the tenant's jobs compute: auto (the GPU a worker was given, else the CPU), "
+        "cpu, or cuda (a job on a worker without a GPU fails)")
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="precision of the base model's weights in the tenant's jobs; LoRA factors, "
+        "gradients, the curvature and solver vectors stay float32")
 
 
 class KeyHash(_Model):

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from cli.main import main
 from cli.synthetic import customer_records, generic_corpus
@@ -51,8 +52,11 @@ def losses(root: Path, adapter: str, records) -> float:
 
 
 # eigen refined by PCG at a fixed damping: the bare low-rank solution (the default) is only as good as the
-# damping the verified path searches for it, tested below.
-@pytest.mark.parametrize("solver, damping", [("cg", "0.1"), ("eigen", "0.03")])
+# damping the verified path searches for it, tested below. eigen's relative damping scales the sampled
+# curvature's top eigenvalue, which the label draws move: at 0.03 correct_response's retained records moved
+# 0.21-0.43 of the bound's 0.25 over seeds (7 of 20 passed with torch.multinomial's draws, 3 of 20 with the
+# device-independent ones); at 0.04 every kind passed at seeds 0-5 (retained at most 0.21, progress >= 0.24).
+@pytest.mark.parametrize("solver, damping", [("cg", "0.1"), ("eigen", "0.04")])
 @pytest.mark.parametrize("kind", ["remove", "modify_query", "correct_response"])
 def test_every_kind_moves_the_adapter_towards_the_retrained_gold(workspace, kind, solver, damping, capsys):
     """Progress = how far the affected records' NLL moved from the original toward the gold's.
@@ -191,3 +195,37 @@ def test_without_a_held_out_split_erase_refuses_unless_told(workspace, tmp_path,
     assert "UNVERIFIED" in capsys.readouterr().out
     manifest = read_manifest(tmp_path / "unverified")
     assert manifest["verified"] is False and manifest["path"] == "influence"
+
+
+def test_a_bfloat16_erase_lands_within_a_tenth_of_a_nat_of_the_float32_one(workspace, capsys):
+    """`eraser erase --dtype bfloat16` (the base's weights in bfloat16; LoRA factors, gradients, curvature and
+    solver vectors float32) runs the verified path and leaves the erased records' NLL within 0.1 nats of
+    the float32 run's, both adapters scored in float32."""
+    records = load_records(workspace / "records.jsonl")
+    body = request_for("remove", records)
+    erased = [r for r in records if r.subject == body["subjects"][0]]
+    tokenizer = load_tokenizer(workspace / "base")
+    nll = {}
+    for dtype in ("float32", "bfloat16"):
+        assert run_erase(workspace, body, f"precision-{dtype}", "--dtype", dtype, "--device", "cpu") == 0
+        manifest = read_manifest(workspace / f"precision-{dtype}")
+        assert manifest["precision"] == {"device": "cpu", "dtype": dtype} and manifest["verified"] is True
+        model = load_adapter(load_base(workspace / "base"), workspace / f"precision-{dtype}")
+        nll[dtype] = mean_loss(model, erased, tokenizer)
+    print(f"erased NLL: float32 {nll['float32']:.4f}, bfloat16 {nll['bfloat16']:.4f}")
+    assert abs(nll["bfloat16"] - nll["float32"]) <= 0.1, nll
+
+
+def test_train_in_bfloat16_and_refuse_a_device_by_name(workspace, tmp_path, capsys):
+    assert main(["train", "--base", str(workspace / "base"), "--data", str(workspace / "records.jsonl"),
+                 "--out", str(tmp_path / "bf16"), *TRAIN, "--epochs", "1", "--dtype", "bfloat16"]) == 0
+    assert read_manifest(tmp_path / "bf16")["precision"] == {"device": "cpu", "dtype": "bfloat16"}
+    model = load_adapter(load_base(workspace / "base", dtype=torch.bfloat16), tmp_path / "bf16")
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
+    capsys.readouterr()
+    for device, message in (("gpu", "device must be"), ("cuda:7", "CUDA")):
+        if device.startswith("cuda") and torch.cuda.device_count() > 7:
+            continue
+        assert run_erase(workspace, request_for("remove", load_records(workspace / "records.jsonl")),
+                         f"refused-{device}", "--device", device) == 2
+        assert message in capsys.readouterr().err and not (workspace / f"refused-{device}").exists()
