@@ -3,7 +3,7 @@
 Everything here returns *sums* over the records of a batch (``sum_i grad l(z_i)``,
 ``sum_i H_i v``), not means: a caller that shards records over workers adds the sums with one
 all-reduce and divides by the total count once. The model must be in eval mode (no LoRA dropout)
-with an attention implementation that supports double backward (``eager``; see STACK.md).
+with an attention implementation that supports double backward (``eager``; see docs/operations.md#pitfalls-of-the-stack).
 
 Two curvatures of ``l(z) = sum_t w_t CE(f_t(theta), y_t)`` (``w_t`` = 1/response tokens):
 - ``hessian``: the exact Hessian, by double backward. Indefinite for LoRA (the A/B product alone

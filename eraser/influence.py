@@ -196,7 +196,7 @@ class InfluenceSystem:
         return self.shard.reduce(total) / len(indices)
 
     def gradient_of_edits(self, edits: Sequence[Edit]) -> torch.Tensor:
-        """``b = (1/n) sum_{i in S} [grad l(z_i) - grad l(z'_i)]`` (DESIGN.md, "The method")."""
+        """``b = (1/n) sum_{i in S} [grad l(z_i) - grad l(z'_i)]`` (docs/method.md#the-influence-estimate)."""
         if not edits:
             raise EraserError("no edits: nothing to erase")
         old = [(j, edit.old) for j, edit in enumerate(edits)]

@@ -85,7 +85,7 @@ def save_base_model(model, tokenizer, out_dir: str | Path, provenance: dict | No
 
 
 # The attention the method runs with: eager (so double backward works, unlike fused SDPA kernels,
-# STACK.md) and, unlike transformers' own eager kernels, softmax in the input dtype so float64 checks
+# docs/operations.md, pitfalls) and, unlike transformers' own eager kernels, softmax in the input dtype so float64 checks
 # against explicit Hessians and finite differences are exact; a half-precision model's scores are
 # masked and normalised in float32, as transformers' eager attention does. Registered under this name.
 ATTENTION = "eraser_eager"

@@ -1,6 +1,6 @@
 """Remediation: a bounded, gated fine-tune when the influence update alone does not pass verification.
 
-DESIGN.md ("The method", remediation findings): any forgetting term stops a recitation within tens
+docs/method.md#remediation (the findings): any forgetting term stops a recitation within tens
 of steps, but stopping at the first crossing of the held-out reference lands in a transient spike of
 retained NLL, and running on drives the erased records' NLL far above the reference (detectable in
 the other direction, and harmful). What passed, and what this implements, per step ``t``:

@@ -1,4 +1,4 @@
-"""Solvers for the damped influence system ``(H + lambda I) x = b`` (DESIGN.md, "The method").
+"""Solvers for the damped influence system ``(H + lambda I) x = b`` (docs/method.md#the-influence-estimate).
 
 Each solver takes the damped operator as callables, so it is independent of how HVPs are made
 (one process, or summed across Ray Train workers):
@@ -386,7 +386,7 @@ def lowrank_conjugate_gradient(
 ) -> tuple[torch.Tensor, SolverReport]:
     """The cached low-rank curvature's solution, refined on ``apply_eval`` by preconditioned CG.
 
-    1. ``x_0 = (U L U^T + lambda I)^-1 b`` (Woodbury, DESIGN.md "Cost model"): exact for the low-rank
+    1. ``x_0 = (U L U^T + lambda I)^-1 b`` (docs/method.md#the-cached-curvature-and-the-woodbury-solve): exact for the low-rank
        curvature, the complement of its eigenvectors treated as curvature-free (step ``1 / lambda``).
        Its residual on the evaluation batch is measured (one operator application) and reported: it
        says how far the low-rank curvature is from the evaluation batch's, not a solver tolerance.

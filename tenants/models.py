@@ -145,7 +145,7 @@ _REPLACED_FIELD = {"modify_query": "prompt", "correct_response": "response"}
 
 
 class ErasureRequest(_Model):
-    """A client's erasure or correction request (DESIGN.md, "Erasure request").
+    """A client's erasure or correction request (docs/architecture.md#the-erasure-flow).
 
     Rules: exactly one of ``records``/``subjects`` is non-empty; ``replacements`` is forbidden for
     ``remove`` and, for ``modify_query`` (prompt only) / ``correct_response`` (response only),
