@@ -61,7 +61,10 @@ def parse_device(name: str | torch.device | None) -> torch.device:
 
 
 def model_device(model) -> torch.device:
-    """The device of the model's trainable (LoRA) parameters, else of its first parameter."""
+    """The device of the model's trainable (LoRA) parameters, else of its first parameter (the CPU for a
+    callable without parameters, such as a test's stand-in model)."""
+    if not hasattr(model, "named_parameters"):
+        return torch.device("cpu")
     first = None
     for name, p in model.named_parameters():
         if "lora_" in name:
