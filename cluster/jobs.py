@@ -14,7 +14,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -212,6 +212,13 @@ def job_device(config: TenantConfig, worker_device: str | None = None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def tenant_solve(solve: SolveConfig, config: TenantConfig) -> SolveConfig:
+    """``solve`` with the tenant's curvature budget, where its recipe sets one (curvature and erasure jobs
+    both apply it, so a warmed curvature matches the erasure's settings)."""
+    budget = config.training.curvature_budget_mib
+    return solve if budget is None else replace(solve, cache_budget_mib=budget)
+
+
 def job_dtype(config: TenantConfig):
     """The torch dtype of the tenant's base model in its jobs (the recipe's ``dtype``)."""
     from eraser.devices import parse_dtype
@@ -304,6 +311,7 @@ def execute_erasure(job: ErasureJob, shard: Shard, out_dir: Path | None,
         beat("load")
         config, tokenizer, model, train, heldout = _load_version(stores, job.tenant, job.adapter_version,
                                                                  job.data_version, device)
+        job = replace(job, pipeline=replace(job.pipeline, solve=tenant_solve(job.pipeline.solve, config)))
         requests, trained = edit_requests(job, {r.id for r in train})
         curvature = _usable_curvature(job, model)
         stages["load_s"] = time.perf_counter() - started
@@ -388,12 +396,12 @@ def execute_curvature(job: CurvatureJob, shard: Shard, out_dir: Path | None,
     stores = _Stores(job.store_settings)
     try:
         beat("load")
-        _, tokenizer, model, train, _ = _load_version(stores, job.tenant, job.adapter_version, job.data_version,
-                                                      device)
+        config, tokenizer, model, train, _ = _load_version(stores, job.tenant, job.adapter_version,
+                                                           job.data_version, device)
         load_s = time.perf_counter() - started
         beat("curvature")
         try:
-            cache = InfluenceSystem(model, tokenizer, train, job.solve, shard).curvature_cache()
+            cache = InfluenceSystem(model, tokenizer, train, tenant_solve(job.solve, config), shard).curvature_cache()
         except EraserError as error:
             body.update(status="failed", error=str(error), error_type=type(error).__name__)
         else:

@@ -57,6 +57,11 @@ class SolveConfig:
     cache_draws: int = 2  # sampled: label draws per record (rows of the factor = samples * draws)
     cache_method: str = "sampled"  # sampled (one batched backward per draw) | hvp (subspace iteration, exact, costly)
     cache_iters: int = 2  # hvp: subspace iterations
+    # Memory per adapter version for the cached curvature (its p x rank float32 vectors) and for what builds
+    # it (the sampled factor's rows, or the subspace iteration's two blocks), MiB; None: unbounded. The rank
+    # and the rows are cut to fit (curvature_plan): 2 GiB keeps today's sizes as configured (p = 0.85 M:
+    # 512 rows, 1.6 GiB) and bounds an 8B adapter's (p = 42 M) to rank 12, so dozens of tenants stay warm.
+    cache_budget_mib: float | None = 2048.0
 
     def __post_init__(self) -> None:
         if self.solver not in solvers.SOLVERS:
@@ -79,6 +84,8 @@ class SolveConfig:
                      "rank", "cache_samples", "cache_draws"):
             if getattr(self, name) < 1:
                 raise EraserError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.cache_budget_mib is not None and not (self.cache_budget_mib > 0 and math.isfinite(self.cache_budget_mib)):
+            raise EraserError(f"cache_budget_mib must be a positive number or None, got {self.cache_budget_mib!r}")
         if self.cache_iters < 0:
             raise EraserError(f"cache_iters must be >= 0, got {self.cache_iters!r}")
         if self.tol is not None and not (0 < self.tol < 1):
@@ -114,7 +121,64 @@ def adapter_fingerprint(params: Sequence[torch.Tensor]) -> str:
 
 # The SolveConfig fields a cached curvature depends on (damping, tolerances and the solver's own
 # iterations do not change it, so one cache serves every damping the pipeline escalates through).
-CURVATURE_CACHE_FIELDS = ("curvature", "cache_method", "rank", "cache_samples", "cache_draws", "cache_iters", "seed")
+CURVATURE_CACHE_FIELDS = ("curvature", "cache_method", "rank", "cache_samples", "cache_draws", "cache_iters", "seed",
+                          "cache_budget_mib")
+SUBSPACE_OVERSAMPLE = 10  # solvers.subspace_iteration's default
+
+
+@dataclass(frozen=True)
+class CurvaturePlan:
+    """What the cached curvature of a p-parameter adapter is built from and keeps, within the budget."""
+
+    dim: int
+    method: str
+    rank: int  # eigenpairs kept (at most)
+    samples: int  # records it is estimated on (at most; the training set may be smaller)
+    draws: int
+    cached_bytes: int  # the kept vectors (p x rank) and values, float32
+    build_bytes: int  # the factor (sampled) or the two subspace blocks (hvp), float32
+    budget_bytes: int | None
+    limited: bool  # the budget cut the configured rank or samples
+    oversample: int = 0  # hvp: extra vectors of the subspace block
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def curvature_plan(config: SolveConfig, dim: int, records: int | None = None) -> CurvaturePlan:
+    """The rank and samples of ``config``'s cached curvature for an adapter of ``dim`` parameters, cut so
+    that the kept vectors and what builds them each fit ``config.cache_budget_mib`` (float32, 4 bytes per
+    coordinate). ``sampled``: rows = samples x draws of the factor, rank <= rows; fewer samples first
+    (the draws stay). ``hvp``: two blocks of rank + oversample vectors (the oversampling shrinks first). Raises EraserError when not even
+    the smallest form fits (one record's draws, or two blocks of two vectors)."""
+    vector = 4 * dim
+    samples = min(config.cache_samples, records) if records is not None else config.cache_samples
+    budget = int(config.cache_budget_mib * 2**20) if config.cache_budget_mib is not None else None
+    fits = budget // vector if budget is not None else None  # float32 vectors of length p within the budget
+    if config.cache_method == "hvp":
+        rank, oversample = config.rank, SUBSPACE_OVERSAMPLE
+        if fits is not None and 2 * (rank + oversample) > fits:
+            width = fits // 2
+            if width < 2:
+                raise EraserError(f"a curvature budget of {config.cache_budget_mib:g} MiB holds {fits} vector(s) of "
+                                  f"{dim} parameters: too few for cache_method 'hvp' (two blocks of 2)")
+            oversample = min(SUBSPACE_OVERSAMPLE, width // 2)  # a narrow block gives up oversampling first
+            rank = min(rank, width - oversample)
+        rank = min(rank, dim)
+        width = min(dim, rank + oversample)
+        return CurvaturePlan(dim=dim, method="hvp", rank=rank, samples=samples, draws=config.cache_draws,
+                             cached_bytes=rank * (vector + 4), build_bytes=2 * width * vector, budget_bytes=budget,
+                             limited=rank < config.rank, oversample=oversample)
+    draws, wanted = config.cache_draws, samples
+    if fits is not None:
+        if fits < draws:
+            raise EraserError(f"a curvature budget of {config.cache_budget_mib:g} MiB holds {fits} row(s) of "
+                              f"{dim} parameters: fewer than one record's {draws} draws (raise cache_budget_mib)")
+        samples = min(samples, fits // draws)
+    rank = min(config.rank, samples * draws)
+    return CurvaturePlan(dim=dim, method="sampled", rank=rank, samples=samples, draws=draws,
+                         cached_bytes=rank * (vector + 4), build_bytes=samples * draws * vector, budget_bytes=budget,
+                         limited=samples < wanted)
 
 
 def curvature_cache_key(config: SolveConfig) -> dict:
@@ -215,10 +279,14 @@ class InfluenceSystem:
         return sorted(rng.sample(range(n), min(self.config.batch_size, n)))
 
     # -- the cached low-rank curvature (solver "eigen") -------------------------------------------
+    def curvature_plan(self) -> CurvaturePlan:
+        """The cached curvature's rank and samples for this adapter within ``cache_budget_mib``."""
+        return curvature_plan(self.config, self.dim, len(self.records))
+
     def cache_indices(self) -> list[int]:
         n = len(self.records)
         rng = random.Random(self.config.seed * 7_368_787 + 11)
-        return sorted(rng.sample(range(n), min(self.config.cache_samples, n)))
+        return sorted(rng.sample(range(n), min(self.curvature_plan().samples, n)))
 
     def curvature_cache(self) -> "solvers.LowRankCurvature":
         """The top ``rank`` eigenpairs of the curvature on ``cache_samples`` records, built once per adapter.
@@ -233,17 +301,21 @@ class InfluenceSystem:
         cfg = self.config
         started = time.perf_counter()
         passes_before = self.record_passes
+        plan = self.curvature_plan()
         indices = self.cache_indices()
+        if plan.limited:
+            logger.info("curvature budget %g MiB for p = %d: rank %d on %d records (configured: rank %d on %d)",
+                        cfg.cache_budget_mib, self.dim, plan.rank, plan.samples, cfg.rank, cfg.cache_samples)
         if cfg.cache_method == "hvp":
-            cache = solvers.subspace_iteration(lambda v: self.curvature_mean(indices, v), self.dim, cfg.rank,
-                                               iters=cfg.cache_iters, seed=cfg.seed, dtype=self.dtype,
-                                               device=self.device)
+            cache = solvers.subspace_iteration(lambda v: self.curvature_mean(indices, v), self.dim, plan.rank,
+                                               oversample=plan.oversample, iters=cfg.cache_iters, seed=cfg.seed,
+                                               dtype=self.dtype, device=self.device)
         else:
-            cache = solvers.eigen_from_factor(self.sampled_factor(indices), cfg.rank, count=len(indices))
+            cache = solvers.eigen_from_factor(self.sampled_factor(indices), plan.rank, count=len(indices))
         cache.info.update(method=cfg.cache_method, samples=len(indices), draws=cfg.cache_draws,
                           curvature=cfg.curvature, record_passes=self.record_passes - passes_before,
                           wall_time_s=time.perf_counter() - started, adapter=adapter_fingerprint(self.params),
-                          config=curvature_cache_key(cfg), device=str(self.device),
+                          config=curvature_cache_key(cfg), device=str(self.device), plan=plan.to_dict(),
                           model_dtype=dtype_name(_base_dtype(self.model)), dtype=dtype_name(self.dtype))
         logger.info("cached %s curvature: rank %d, top eigenvalue %.4g, %d records, %.1fs", cfg.cache_method,
                     cache.rank, cache.top, len(indices), cache.info["wall_time_s"])

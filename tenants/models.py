@@ -477,6 +477,9 @@ class TrainingRecipe(_Model):
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="precision of the base model's weights in the tenant's jobs; LoRA factors, "
         "gradients, the curvature and solver vectors stay float32")
+    curvature_budget_mib: float | None = Field(
+        None, gt=0, description="memory for the adapter's cached curvature and for building it, MiB (its rank "
+        "and samples are cut to fit); None: the service's (SolveConfig.cache_budget_mib, 2048)")
 
 
 class KeyHash(_Model):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from cluster import jobs, runners
-from cluster.jobs import CurvatureJob, JobResult, job_device, job_dtype
+from cluster.jobs import CurvatureJob, JobResult, job_device, job_dtype, tenant_solve
 from eraser.influence import SolveConfig, Shard
 from tenants.models import TenantConfig, TrainingRecipe
 
@@ -151,3 +151,11 @@ def test_a_cpu_worker_reduces_in_place(monkeypatch):
     tensor = torch.ones(3)
     assert reduce(tensor) is tensor and calls == [torch.device("cpu")]
     assert Shard().reduce(tensor) is tensor
+
+
+def test_a_tenants_curvature_budget_reaches_its_jobs():
+    solve = SolveConfig(solver="eigen")
+    assert tenant_solve(solve, _tenant()) is solve  # None: the service's budget
+    assert tenant_solve(solve, _tenant(curvature_budget_mib=512)).cache_budget_mib == 512
+    with pytest.raises(pydantic.ValidationError):
+        TrainingRecipe(curvature_budget_mib=0)
