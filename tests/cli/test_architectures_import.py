@@ -19,18 +19,11 @@ import torch
 from cli.main import main
 from cli.synthetic import customer_records
 from eraser.bases import ARCHITECTURES, CHATML_GENERATION_TEMPLATE, chatml_tokenizer
+from tests.cli.test_tenants_import import split
 from tests.eraser.test_architectures import SUBSETS, save_base, train_peft_adapter
 
 pytestmark = pytest.mark.slow
 logger = logging.getLogger(__name__)
-
-
-def split(records):
-    """Trained on: all but each customer's last record and two whole customers (the reference)."""
-    subjects = sorted({r.subject for r in records})
-    last = {r.subject: r.id for r in records}
-    held = [r for r in records if r.subject in subjects[-2:] or r.id == last[r.subject]]
-    return [r for r in records if r not in held], held
 
 
 def write_jsonl(path: Path, records) -> Path:
