@@ -52,7 +52,8 @@ class RunnerSpec:
         default_factory=lambda: os.environ.get("ERASER_CLUSTER_RUNNER") or "ray")
     num_workers: int = field(default_factory=lambda: _env_int("ERASER_CLUSTER_WORKERS", 1))  # workers per erasure
     use_gpu: bool = field(default_factory=lambda: _env_bool("ERASER_CLUSTER_USE_GPU", False))  # one GPU per worker, NCCL
-    cpus_per_worker: float = 1.0  # CPUs each Train worker reserves
+    # CPUs each job (a Train worker, a pooled task, the import check) reserves.
+    cpus_per_worker: float = field(default_factory=lambda: _env_float("ERASER_CLUSTER_CPUS_PER_WORKER", 1.0))
     max_failures: int = field(default_factory=lambda: _env_int("ERASER_CLUSTER_MAX_FAILURES", 1))  # Train retries after a worker dies
     # Where Train puts result checkpoints: a local directory (one node) or a URI every node reaches
     # (s3://bucket/ray-train, NFS). None = a temporary directory (single-node clusters only).

@@ -265,7 +265,7 @@ class RayErasureService(ErasureService):
         import ray
 
         files = {name: (Path(adapter_dir) / name).read_bytes() for name in adapter_files(Path(adapter_dir))}
-        task = ray.remote(_check_import_in_task).options(num_cpus=1, max_retries=0)
+        task = ray.remote(_check_import_in_task).options(num_cpus=self.runner.cpus_per_worker, max_retries=0)
         body = ray_get(task.remote(self.store_settings, config.model_dump(mode="json"), files,
                                    [r.model_dump(mode="json", exclude_none=True) for r in records]),
                        self.runner.job_timeout_s, f"the import check of tenant {config.name!r}")

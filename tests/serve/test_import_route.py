@@ -187,9 +187,13 @@ def test_refusals_are_openai_shaped_and_write_nothing(world, ingress, case):
 
 def test_on_a_ray_cluster_the_adapter_is_checked_in_a_task_and_refusals_come_back_as_such(world, ingress, ray_cluster):
     """The serving app's backend: the ingress loads no model; a Ray task checks the adapter (sent by value)."""
+    from cluster.config import RunnerSpec
     from cluster.service import RayErasureService
 
-    service = RayErasureService(ingress.store.settings, namespace=f"eraser-test-{uuid.uuid4().hex[:8]}")
+    # The session's 2-CPU head may be serving the package's Serve app (engine 1 CPU, ingress 0.5): the check
+    # asks for what is left, and a check that cannot be placed fails in minutes, not the default hour.
+    service = RayErasureService(ingress.store.settings, RunnerSpec(cpus_per_worker=0.25, job_timeout_s=300),
+                                namespace=f"eraser-test-{uuid.uuid4().hex[:8]}")
     ingress.backend = ClusterBackend(service, BackendContext(
         store_settings=ingress.store.settings, notify_switch=lambda tenant, version: None, app_name="tests"))
     before = everything(ingress.store)
