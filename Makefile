@@ -17,7 +17,7 @@ demo: install
 
 ## Set up, then run the whole test suite (unit + integration with real Ray, vLLM, SeaweedFS).
 test: install
-	OMP_NUM_THREADS=2 $(PY) -m pytest -q tests
+	OMP_NUM_THREADS=2 $(PY) -m pytest -q --durations=30 tests
 
 test-fast: install
 	$(PY) -m pytest -q tests -m "not slow"
