@@ -1,45 +1,66 @@
 """How jobs run and how a coordinator decides: frozen dataclasses that travel into Ray actors.
 
-Defaults live here, each readable from an ``ERASER_CLUSTER_*`` environment variable (read when the
-object is built, so a Ray job's ``runtime_env`` sets them for every process it starts).
+Defaults live here, each readable from an ``ERASER_CLUSTER_*`` environment variable (parsed by
+pydantic-settings when the object is built, so a Ray job's ``runtime_env`` sets them for every process
+it starts; the module-level timeouts and namespace are read at import).
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
+
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from eraser.influence import SolveConfig
 from eraser.pipeline import PipelineConfig
 
 from cluster.errors import ClusterError
 
-NAMESPACE = os.environ.get("ERASER_CLUSTER_NAMESPACE", "eraser")  # Ray namespace of coordinators and hooks
+class ClusterEnvironment(BaseSettings):
+    """The ``ERASER_CLUSTER_*`` environment variables, parsed and checked (an empty value means unset).
+    Built afresh wherever a default is needed, so a Ray job's ``runtime_env`` reaches every process."""
+
+    model_config = SettingsConfigDict(env_prefix="ERASER_CLUSTER_", env_ignore_empty=True, extra="ignore")
+
+    namespace: str = "eraser"  # Ray namespace of coordinators and hooks
+    runner: Literal["ray", "ray-train", "local"] = "ray"
+    workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 1
+    storage: str | None = None
+    job_timeout: float = 3600.0
+    call_timeout: float = 120.0
+    round_timeout: float = 4 * 3600.0
+    reconcile_interval: float = 30.0
+    lease_ttl: float = 30.0
+    lease_wait: float = 60.0
+    max_attempts: int = 3
+    retry_backoff: float = 10.0
+    redrive_after: float = 300.0
+
+
+def environment() -> ClusterEnvironment:
+    """The environment's settings now; a malformed value raises a ClusterError naming the variable."""
+    try:
+        return ClusterEnvironment()
+    except ValidationError as error:
+        problems = "; ".join(f"ERASER_CLUSTER_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}"
+                             for e in error.errors())
+        raise ClusterError(f"invalid cluster environment: {problems}") from None
+
+
+_AT_IMPORT = environment()
+NAMESPACE = _AT_IMPORT.namespace
 COORDINATOR_PREFIX = "eraser-coordinator:"  # + tenant: the named actor of that tenant
-
-
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    return int(value) if value not in (None, "") else default
-
-
-def _env_float(name: str, default: float) -> float:
-    value = os.environ.get(name)
-    return float(value) if value not in (None, "") else default
-
-
 # How long a caller waits for a quick actor call (submit, describe, purge, hooks) before giving up.
-CALL_TIMEOUT_S = _env_float("ERASER_CLUSTER_CALL_TIMEOUT", 120.0)
+CALL_TIMEOUT_S = _AT_IMPORT.call_timeout
 # How long a caller waits for a tenant's coordinator to finish its rounds (process, purge behind a round).
-ROUND_TIMEOUT_S = _env_float("ERASER_CLUSTER_ROUND_TIMEOUT", 4 * 3600.0)
+ROUND_TIMEOUT_S = _AT_IMPORT.round_timeout
 # How often the reconciler (cluster.reconciler) looks for stalled work, after its first pass at start.
-RECONCILE_INTERVAL_S = _env_float("ERASER_CLUSTER_RECONCILE_INTERVAL", 30.0)
-
-
-def _env_bool(name: str, default: bool) -> bool:
-    value = os.environ.get(name)
-    return value.strip().lower() in ("1", "true", "yes") if value not in (None, "") else default
+RECONCILE_INTERVAL_S = _AT_IMPORT.reconcile_interval
 
 
 @dataclass(frozen=True)
@@ -48,19 +69,18 @@ class RunnerSpec:
 
     # ray: on the Ray cluster, Ray Train (TorchTrainer) for more than one worker and a pooled Ray task for
     # one (a Train launch costs ~16 s on 2 cores); ray-train: always Train; local: this process, world size 1.
-    kind: Literal["ray", "ray-train", "local"] = field(
-        default_factory=lambda: os.environ.get("ERASER_CLUSTER_RUNNER") or "ray")
-    num_workers: int = field(default_factory=lambda: _env_int("ERASER_CLUSTER_WORKERS", 1))  # workers per erasure
-    use_gpu: bool = field(default_factory=lambda: _env_bool("ERASER_CLUSTER_USE_GPU", False))  # one GPU per worker, NCCL
+    kind: Literal["ray", "ray-train", "local"] = field(default_factory=lambda: environment().runner)
+    num_workers: int = field(default_factory=lambda: environment().workers)  # workers per erasure
+    use_gpu: bool = field(default_factory=lambda: environment().use_gpu)  # one GPU per worker, NCCL
     # CPUs each job (a Train worker, a pooled task, the import check) reserves.
-    cpus_per_worker: float = field(default_factory=lambda: _env_float("ERASER_CLUSTER_CPUS_PER_WORKER", 1.0))
-    max_failures: int = field(default_factory=lambda: _env_int("ERASER_CLUSTER_MAX_FAILURES", 1))  # Train retries after a worker dies
+    cpus_per_worker: float = field(default_factory=lambda: environment().cpus_per_worker)
+    max_failures: int = field(default_factory=lambda: environment().max_failures)  # Train retries after a worker dies
     # Where Train puts result checkpoints: a local directory (one node) or a URI every node reaches
     # (s3://bucket/ray-train, NFS). None = a temporary directory (single-node clusters only).
-    storage_path: str | None = field(default_factory=lambda: os.environ.get("ERASER_CLUSTER_STORAGE") or None)
+    storage_path: str | None = field(default_factory=lambda: environment().storage)
     # The longest a job (erasure, training, curvature) may run: ray.get and trainer.fit wait no longer,
     # the job fails with a timeout error (in the receipt) and its Ray task is cancelled.
-    job_timeout_s: float = field(default_factory=lambda: _env_float("ERASER_CLUSTER_JOB_TIMEOUT", 3600.0))
+    job_timeout_s: float = field(default_factory=lambda: environment().job_timeout)
 
     def __post_init__(self) -> None:
         if not self.job_timeout_s > 0:
@@ -93,17 +113,17 @@ class CoordinatorOptions:
     warm_curvature: bool = True
     # The tenant's coordinator lease in S3 (tenants.lease): renewed every ttl/3 by its holder; a second
     # coordinator waits up to lease_wait_s for it to be released or lapse, then refuses (LeaseHeldError).
-    lease_ttl_s: float = field(default_factory=lambda: _env_float("ERASER_CLUSTER_LEASE_TTL", 30.0))
-    lease_wait_s: float = field(default_factory=lambda: _env_float("ERASER_CLUSTER_LEASE_WAIT", 60.0))
+    lease_ttl_s: float = field(default_factory=lambda: environment().lease_ttl)
+    lease_wait_s: float = field(default_factory=lambda: environment().lease_wait)
     # The reconciler retries a request that failed for a transient reason (a job lost or timed out, S3
     # unreachable) up to max_attempts times in all, waiting retry_backoff_s * 2**attempt (at most
     # retry_backoff_max_s) before each retry; a guard's or verifier's refusal is final.
-    max_attempts: int = field(default_factory=lambda: _env_int("ERASER_CLUSTER_MAX_ATTEMPTS", 3))
-    retry_backoff_s: float = field(default_factory=lambda: _env_float("ERASER_CLUSTER_RETRY_BACKOFF", 10.0))
+    max_attempts: int = field(default_factory=lambda: environment().max_attempts)
+    retry_backoff_s: float = field(default_factory=lambda: environment().retry_backoff)
     retry_backoff_max_s: float = 600.0
     # A published erasure whose replicas had not all confirmed the switch this long after it is
     # notified again (by the next round or the reconciler) until they do.
-    redrive_after_s: float = field(default_factory=lambda: _env_float("ERASER_CLUSTER_REDRIVE_AFTER", 300.0))
+    redrive_after_s: float = field(default_factory=lambda: environment().redrive_after)
 
     def __post_init__(self) -> None:
         if not self.lease_ttl_s > 0:

@@ -94,5 +94,11 @@ def test_the_ray_runner_uses_train_for_several_workers_and_a_pooled_task_for_one
     monkeypatch.setenv("ERASER_CLUSTER_RUNNER", "ray-train")
     assert RunnerSpec().kind == "ray-train"
     monkeypatch.setenv("ERASER_CLUSTER_RUNNER", "slurm")
-    with pytest.raises(ClusterError, match="runner kind"):
+    with pytest.raises(ClusterError, match="ERASER_CLUSTER_RUNNER: Input should be 'ray', 'ray-train' or 'local'"):
         RunnerSpec()
+    monkeypatch.setenv("ERASER_CLUSTER_RUNNER", "")  # empty is unset
+    monkeypatch.setenv("ERASER_CLUSTER_JOB_TIMEOUT", "an hour")
+    with pytest.raises(ClusterError, match="ERASER_CLUSTER_JOB_TIMEOUT: Input should be a valid number"):
+        RunnerSpec()
+    monkeypatch.setenv("ERASER_CLUSTER_JOB_TIMEOUT", "90")
+    assert RunnerSpec().kind == "ray" and RunnerSpec().job_timeout_s == 90.0
