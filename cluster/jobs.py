@@ -299,7 +299,7 @@ def execute_erasure(job: ErasureJob, shard: Shard, out_dir: Path | None,
     """
     from eraser.update import save_adapter
 
-    from cluster.guard import verify_and_guard
+    from cluster.verification import verify_and_guard
 
     beat = beat or (lambda *a, **k: None)
     started = time.perf_counter()
