@@ -22,21 +22,30 @@ from eraser.errors import EraserError
 from eraser.curvature import lora_parameters
 from eraser.influence import InfluenceSystem, Shard, SolveConfig, curvature_mismatch
 from eraser.pipeline import PipelineConfig
-from eraser.records import Record as EraserRecord
-from eraser.requests import EditRequest
 from tenants.errors import TenantError
-from tenants.models import ErasureRequest, Record, TenantConfig
+from tenants.models import Record, TenantConfig
 from tenants.settings import StoreSettings
 from tenants.store import TenantStore
 
 from cluster.errors import ClusterError, GuardRejectedError
+from cluster.tenant_inputs import (  # noqa: F401  (record_format, train_config: also used through this module)
+    edit_requests,
+    job_device,
+    job_dtype,
+    record_format,
+    retrain_recipe,
+    split_records,
+    tenant_solve,
+    to_eraser_records,
+    train_config,
+    with_retrain_note,
+)
 
 logger = logging.getLogger(__name__)
 
 RESULT_FILE = "result.json"
 ADAPTER_SUBDIR = "adapter"
 CURVATURE_FILE = "curvature.pt"
-_REPLACED_FIELD = {"modify_query": "prompt", "correct_response": "response"}
 
 
 # ---------------------------------------------------------------- job descriptions
@@ -156,106 +165,6 @@ class Heartbeat:
         staging = self.path.with_suffix(f".tmp{os.getpid()}")
         staging.write_text(json.dumps(body))
         os.replace(staging, self.path)
-
-
-def to_eraser_records(records: Sequence[Record]) -> list[EraserRecord]:
-    """The store's records (either form) as the method's."""
-    return [EraserRecord(id=r.id, prompt=r.prompt, response=r.response, subject=r.subject) if r.messages is None
-            else EraserRecord.from_messages(r.id, [(m.role, m.content) for m in r.messages], r.subject)
-            for r in records]
-
-
-def edit_requests(job: ErasureJob, train_ids: set[str]) -> tuple[list[EditRequest], dict[str, list[str]]]:
-    """The method's requests (by explicit record ids, held-out ones included: the pipeline leaves them
-    out of the update and of the reference population) and, per request id, the trained ids it edits."""
-    result, trained = [], {}
-    for body in job.requests:
-        request = ErasureRequest.model_validate(body)
-        ids = list(job.selections.get(request.request_id, ()))
-        trained[request.request_id] = [i for i in ids if i in train_ids]
-        if not ids:
-            continue
-        replacements = None
-        if request.kind != "remove":
-            name = _REPLACED_FIELD[request.kind]
-            replacements = {i: {name: getattr(request.replacements[i], name)} for i in ids}
-        result.append(EditRequest(kind=request.kind, records=tuple(ids), replacements=replacements,
-                                  request_id=request.request_id))
-    return result, trained
-
-
-def train_config(config: TenantConfig):
-    """The tenant's recipe as the method's TrainConfig."""
-    from eraser.training import TrainConfig
-
-    return TrainConfig(rank=config.lora.rank, alpha=config.lora.alpha, dropout=config.lora.dropout,
-                       target_modules=tuple(config.lora.target_modules), epochs=config.training.epochs,
-                       lr=config.training.lr, batch_size=config.training.batch_size, seed=config.training.seed)
-
-
-def job_device(config: TenantConfig, worker_device: str | None = None) -> str:
-    """Where a job of this tenant computes: the recipe's ``device`` resolved on this worker.
-
-    ``worker_device`` is the GPU the runner gave the worker (``cuda:<local rank>`` for a Ray Train
-    worker with ``use_gpu``), None for a CPU worker. ``auto``: that GPU, else a CUDA device this
-    process sees, else the CPU; ``cuda``: that GPU, else ``cuda`` (refused by name where there is none);
-    ``cpu``: the CPU, GPU or not."""
-    wanted = config.training.device
-    if wanted == "cpu":
-        return "cpu"
-    if worker_device is not None:
-        return str(worker_device)
-    if wanted == "cuda":
-        return "cuda"
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def tenant_solve(solve: SolveConfig, config: TenantConfig) -> SolveConfig:
-    """``solve`` with the tenant's curvature budget, where its recipe sets one (curvature and erasure jobs
-    both apply it, so a warmed curvature matches the erasure's settings)."""
-    budget = config.training.curvature_budget_mib
-    return solve if budget is None else replace(solve, cache_budget_mib=budget)
-
-
-def job_dtype(config: TenantConfig):
-    """The torch dtype of the tenant's base model in its jobs (the recipe's ``dtype``)."""
-    from eraser.devices import parse_dtype
-
-    return parse_dtype(config.training.dtype)
-
-
-def record_format(config: TenantConfig):
-    """The tenant's rendering (chat template, token limit) as the method's RecordFormat."""
-    from eraser.rendering import RecordFormat
-
-    return RecordFormat(chat_template=config.training.chat_template, max_length=config.training.max_length)
-
-
-def split_records(config: TenantConfig, records: Sequence[Record]) -> tuple[list[EraserRecord], list[EraserRecord]]:
-    """``(train, heldout)`` of a tenant's records as the method's: the records flagged ``heldout`` for a
-    tenant whose reference was given (an import, ``heldout_unit`` "given"), else the onboarding split."""
-    from eraser.reference import split_heldout
-
-    if config.training.heldout_unit == "given":
-        return (to_eraser_records([r for r in records if not r.heldout]),
-                to_eraser_records([r for r in records if r.heldout]))
-    return split_heldout(to_eraser_records(records), config.training.heldout_fraction, config.training.seed,
-                         config.training.heldout_unit)
-
-
-def retrain_recipe(config: TenantConfig):
-    """The recipe the exact-retrain fallback trains with, or None when the tenant has none that would
-    reproduce its adapter (``TenantConfig.retrain_unavailable`` says why): the pipeline then fails an
-    erasure no other path makes pass instead of publishing a retrain of another recipe."""
-    return None if config.retrain_unavailable() else train_config(config)
-
-
-def with_retrain_note(checks: dict | None, config: TenantConfig) -> dict:
-    """``checks`` saying, when it is so, that this tenant has no exact-retrain fallback (receipt, eraser.json)."""
-    note = config.retrain_unavailable()
-    return {**(checks or {}), "retrain_fallback": note} if note else dict(checks or {})
 
 
 class _Stores:

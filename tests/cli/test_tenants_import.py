@@ -124,7 +124,7 @@ def import_args(world, name: str = "acme", **change) -> list[str]:
 
 
 def test_import_makes_the_adapter_version_1_on_data_version_1_with_the_reference_flagged(world, cli_env, capsys):
-    from cluster.jobs import retrain_recipe, split_records
+    from cluster.tenant_inputs import retrain_recipe, split_records
 
     store = cli_env
     assert main(import_args(world)) == 0
@@ -162,7 +162,7 @@ def test_import_makes_the_adapter_version_1_on_data_version_1_with_the_reference
 
 
 def test_a_training_recipe_makes_the_retrain_fallback_available(world, cli_env, capsys, tmp_path):
-    from cluster.jobs import retrain_recipe
+    from cluster.tenant_inputs import retrain_recipe
 
     recipe = tmp_path / "recipe.json"
     recipe.write_text(json.dumps({"epochs": 2, "lr": 0.01, "batch_size": 8, "seed": 3, "max_length": 96}))

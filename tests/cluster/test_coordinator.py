@@ -39,7 +39,7 @@ def coordinator(store, runner=None, options=OPTIONS, hooks=()):
 
 def trained_subject(records, seed=0, fraction=0.5):
     """A subject all of whose records are in the training split (so the adapter holds them)."""
-    from cluster.jobs import to_eraser_records
+    from cluster.tenant_inputs import to_eraser_records
 
     train, _ = split_heldout(to_eraser_records(records), fraction, seed)
     train_ids = {r.id for r in train}
@@ -189,7 +189,7 @@ def test_after_a_crash_nothing_is_lost_and_nothing_runs_twice(grace0_settings, t
 
 def test_a_request_only_about_held_out_records_publishes_without_a_solve(grace0_settings, tiny_base):
     store, records = onboard_local(grace0_settings, tiny_base)
-    from cluster.jobs import to_eraser_records
+    from cluster.tenant_inputs import to_eraser_records
 
     _, heldout = split_heldout(to_eraser_records(records["acme"]), 0.5, 0)
     target = heldout[0].id

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from cluster import jobs, runners
-from cluster.jobs import CurvatureJob, JobResult, job_device, job_dtype, tenant_solve
+from cluster.jobs import CurvatureJob, JobResult
+from cluster.tenant_inputs import job_device, job_dtype, tenant_solve
 from eraser.influence import SolveConfig, Shard
 from tenants.models import TenantConfig, TrainingRecipe
 
