@@ -19,6 +19,10 @@ tenant in :mod:`cluster.actors`); different tenants run in parallel. A round:
 A job that fails leaves the receipts ``failed`` with the error and publishes nothing: HEAD moves
 only after both versions are committed, and only a moved HEAD makes anything live. The receipt is
 written at every step.
+
+Why one module of about 600 lines: the round, recovery, retries and switch re-drives are one state
+machine over one tenant's receipts, under one lease and fencing token; cut apart, each piece would
+have to re-derive the others' invariants.
 """
 
 from __future__ import annotations
