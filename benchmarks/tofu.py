@@ -14,6 +14,10 @@ the erase time and the retrain time as the training set grows with the forget se
 
 Output in ``--out``: ``results.json`` (one row per method x request x size, every metric, the command
 line, versions), ``results.md`` (tables and targets), ``fidelity.png`` and ``scaling.png``.
+
+Why one module of about 600 lines: the benchmark is one procedure (setup, requests, golds, table, command
+line) read top to bottom; its reusable parts live in ``tofu_data``, ``tofu_setup``, ``tofu_metrics``,
+``plain_peft`` and ``provenance``.
 """
 
 from __future__ import annotations
@@ -22,14 +26,13 @@ import argparse
 import json
 import logging
 import math
-import os
-import platform
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
+
+from benchmarks import provenance
 
 logger = logging.getLogger(__name__)
 
@@ -517,8 +520,8 @@ class Runner:
             "benchmark": "tofu",
             "command": " ".join(self.argv),
             "options": asdict(self.options),
-            "versions": versions(),
-            "machine": machine(),
+            "versions": provenance.versions(),
+            "machine": provenance.machine(),
             "base": {k: v for k, v in getattr(self, "base_info", {}).items()},
             "recipe": self.recipe.to_dict() if hasattr(self, "recipe") else None,
             "targets": FIDELITY_TARGETS,
@@ -534,7 +537,7 @@ class Runner:
         self.out.mkdir(parents=True, exist_ok=True)
         document = self.document()
         document["summary"] = summarize(document)
-        (self.out / "results.json").write_text(json.dumps(_json_safe(document), indent=1))
+        (self.out / "results.json").write_text(json.dumps(provenance.json_safe(document), indent=1))
         (self.out / "results.md").write_text(markdown(document))
         if final:
             plots(document, self.out)
@@ -544,50 +547,6 @@ class Runner:
         document = self.write(final=True)
         logger.info("TOFU benchmark done in %.0fs: %s", self.elapsed(), self.out)
         return document
-
-
-def _json_safe(value):
-    import numpy as np
-    import torch
-
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (np.floating, np.integer)):
-        return _json_safe(value.item())
-    if isinstance(value, torch.Tensor):
-        return None
-    return value
-
-
-def versions() -> dict:
-    import importlib.metadata as metadata
-
-    found = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "peft", "numpy", "scipy", "rouge-score", "matplotlib"):
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = None
-    try:
-        found["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                                             timeout=10).stdout.strip() or None
-        found["git_dirty"] = bool(subprocess.run(["git", "status", "--porcelain", "--", "eraser", "benchmarks"],
-                                                 cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        found["git_commit"] = None
-    return found
-
-
-def machine() -> dict:
-    try:
-        load = os.getloadavg()
-    except OSError:
-        load = None
-    return {"cpus": os.cpu_count(), "platform": platform.platform(), "load_average": load}
 
 
 # -- command line -----------------------------------------------------------------------------
@@ -633,12 +592,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def options_from_args(args: argparse.Namespace) -> Options:
-    values = dict(PRESETS[args.preset]) if getattr(args, "preset", None) else {}
-    for name in Options.__dataclass_fields__:
-        given = getattr(args, name, None)
-        if given is not None and given is not False:
-            values[name] = given
-    return Options(**values)
+    return provenance.options_from_args(Options, PRESETS, args)
 
 
 def run(options: Options, argv: Sequence[str] | None = None) -> dict:

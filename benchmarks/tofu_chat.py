@@ -47,6 +47,10 @@ What it measures, step by step:
 
 Output in ``--out``: ``results.json`` (everything, the command line, versions) and ``nll.png`` when
 matplotlib is installed.
+
+Why one module of about 600 lines: the benchmark is one procedure (setup, requests, golds, table, command
+line) read top to bottom; its reusable parts live in ``tofu_data``, ``tofu_setup``, ``tofu_metrics``,
+``plain_peft`` and ``provenance``.
 """
 
 from __future__ import annotations
@@ -64,6 +68,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
+
+from benchmarks import provenance
+from benchmarks.plain_peft import chat_example, chat_example_of, plain_losses, plain_peft_train
 
 logger = logging.getLogger(__name__)
 
@@ -146,101 +153,6 @@ PRESETS = {
                  intermediate_size=64, layers=1, heads=1, kv_heads=1, pretrain_authors=3, pretrain_steps=12,
                  epochs=1, batch_size=8, noise_floor=False, check_records=4),
 }
-
-
-# -- the platform's plain PEFT code -------------------------------------------------------------
-# Nothing below imports eraser: this is what a platform with its own training stack would run.
-def chat_example(row) -> dict:
-    """A TOFU row as a chat fine-tuning example (the OpenAI / TRL ``messages`` form)."""
-    return {"messages": [{"role": "user", "content": row.question}, {"role": "assistant", "content": row.answer}]}
-
-
-def render_example(tokenizer, example: dict) -> tuple[list[int], list[int]]:
-    """Token ids and the assistant-token mask, as TRL's ``assistant_only_loss`` gets them."""
-    from eraser.bases import CHATML_GENERATION_TEMPLATE  # the template text only
-
-    out = tokenizer.apply_chat_template(example["messages"], tokenize=True, return_dict=True,
-                                        return_assistant_tokens_mask=True, chat_template=CHATML_GENERATION_TEMPLATE)
-    return list(out["input_ids"]), list(out["assistant_masks"])
-
-
-def collate_examples(tokenizer, examples: Sequence[dict]):
-    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 off the assistant tokens). (B, T) each."""
-    import torch
-
-    encoded = [render_example(tokenizer, example) for example in examples]
-    width = max(len(ids) for ids, _ in encoded)
-    input_ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    labels = torch.full((len(encoded), width), -100, dtype=torch.long)
-    for row, (ids, mask) in enumerate(encoded):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        attention_mask[row, : len(ids)] = 1
-        labels[row, : len(ids)] = torch.tensor([t if m else -100 for t, m in zip(ids, mask)])
-    return input_ids, attention_mask, labels
-
-
-def per_example_loss(model, input_ids, attention_mask, labels):
-    """Mean NLL over each example's assistant tokens. Shape (B,). (Not TRL's default: see the module docstring.)"""
-    import torch.nn.functional as F
-
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1, :]  # (B, T-1, V)
-    targets = labels[:, 1:]  # (B, T-1)
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
-                          reduction="none").view(targets.shape)
-    mask = (targets != -100).to(nll.dtype)
-    return (nll * mask).sum(dim=1) / mask.sum(dim=1)
-
-
-def plain_peft_train(base_dir: Path, examples: Sequence[dict], options: Options, seed: int | None = None):
-    """Train a LoRA adapter on ``examples`` with plain transformers + PEFT + AdamW. Returns (model in eval
-    mode, tokenizer, report)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    seed = options.seed if seed is None else seed
-    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
-    base = AutoModelForCausalLM.from_pretrained(str(base_dir))
-    torch.manual_seed(seed)
-    model = get_peft_model(base, LoraConfig(r=options.lora_r, lora_alpha=options.lora_alpha,
-                                            target_modules=list(options.target_modules),
-                                            lora_dropout=options.lora_dropout, task_type="CAUSAL_LM"))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=options.lr)
-    rng = random.Random(seed)
-    losses: list[float] = []
-    started, cpu_started = time.perf_counter(), time.process_time()
-    model.train()
-    for epoch in range(options.epochs):
-        order = list(range(len(examples)))
-        rng.shuffle(order)
-        for start in range(0, len(order), options.batch_size):
-            batch = collate_examples(tokenizer, [examples[i] for i in order[start: start + options.batch_size]])
-            loss = per_example_loss(model, *batch).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-        logger.info("  plain PEFT epoch %d/%d: mean batch loss %.4f (%.0fs)", epoch + 1, options.epochs,
-                    sum(losses[-math.ceil(len(order) / options.batch_size):]) / math.ceil(len(order) / options.batch_size),
-                    time.perf_counter() - started)
-    model.eval()
-    report = {"examples": len(examples), "steps": len(losses), "epochs": options.epochs, "seed": seed,
-              "first_loss": losses[0], "final_loss": losses[-1],
-              "wall_time_s": time.perf_counter() - started, "cpu_time_s": time.process_time() - cpu_started,
-              "attn_implementation": getattr(base.config, "_attn_implementation", None),
-              "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
-    return model, tokenizer, report
-
-
-def plain_losses(model, tokenizer, examples: Sequence[dict], batch_size: int = 16) -> list[float]:
-    import torch
-
-    out: list[float] = []
-    with torch.no_grad():
-        for start in range(0, len(examples), batch_size):
-            out += per_example_loss(model, *collate_examples(tokenizer, examples[start: start + batch_size])).tolist()
-    return out
 
 
 # -- the benchmark ------------------------------------------------------------------------------
@@ -360,7 +272,7 @@ class Runner:
         reference = [tenant.records[r.id] for r in (*tenant.heldout_rows, *tenant.unseen_rows)]
         self.document = {
             "benchmark": "tofu_chat", "command": " ".join(self.argv), "options": asdict(o),
-            "versions": _versions(), "machine": _machine(), "torch_threads": torch.get_num_threads(),
+            "versions": provenance.versions(), "machine": provenance.machine(), "torch_threads": torch.get_num_threads(),
             "targets": TARGETS, "base": {**base_info, "dir": str(base_dir)},
             "tenant": {"authors": [tenant.authors[0], tenant.authors[-1]], "train_records": len(train_records),
                        "seen_subject_reference": len(tenant.heldout_rows),
@@ -578,10 +490,8 @@ class Runner:
 
     # -- output ---------------------------------------------------------------------------------
     def write(self) -> None:
-        from benchmarks.tofu import _json_safe
-
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "results.json").write_text(json.dumps(_json_safe(self.document), indent=1))
+        (self.out / "results.json").write_text(json.dumps(provenance.json_safe(self.document), indent=1))
 
     def plot(self) -> str | None:
         try:
@@ -617,25 +527,8 @@ class Runner:
         return str(path)
 
 
-def chat_example_of(record) -> dict:
-    """The platform's example of an eraser Record (the same conversation)."""
-    return {"messages": record.messages()}
-
-
 def _spaced(n: int, limit: int) -> list[int]:
     return list(range(0, n, max(1, math.ceil(n / limit))))[:limit]
-
-
-def _versions() -> dict:
-    from benchmarks.tofu import versions
-
-    return versions()
-
-
-def _machine() -> dict:
-    from benchmarks.tofu import machine
-
-    return machine()
 
 
 def table(document: dict) -> str:
@@ -710,12 +603,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def options_from_args(args: argparse.Namespace) -> Options:
-    values = dict(PRESETS[args.preset]) if getattr(args, "preset", None) else {}
-    for name in Options.__dataclass_fields__:
-        given = getattr(args, name, None)
-        if given is not None and given is not False or (name == "noise_floor" and given is False):
-            values[name] = given
-    return Options(**values)
+    return provenance.options_from_args(Options, PRESETS, args, keep_false=("noise_floor",))
 
 
 def run(options: Options, argv: Sequence[str] | None = None) -> dict:

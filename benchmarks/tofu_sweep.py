@@ -17,7 +17,8 @@ import logging
 import sys
 from pathlib import Path
 
-from benchmarks.tofu import REPO, Options, Runner, _json_safe
+from benchmarks.provenance import json_safe
+from benchmarks.tofu import REPO, Options, Runner
 
 logger = logging.getLogger("benchmarks.tofu_sweep")
 
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     document = {"command": " ".join(["python -m benchmarks.tofu_sweep", *(argv or sys.argv[1:])]),
                 "options": dataclasses.asdict(base), "points": points}
-    (out / "sweep.json").write_text(json.dumps(_json_safe(document), indent=1))
+    (out / "sweep.json").write_text(json.dumps(json_safe(document), indent=1))
     (out / "sweep.md").write_text(table(points) + "\n")
     print(table(points))
     return 0
