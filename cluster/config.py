@@ -75,7 +75,7 @@ class RunnerSpec:
     # CPUs each job (a Train worker, a pooled task, the import check) reserves.
     cpus_per_worker: float = field(default_factory=lambda: environment().cpus_per_worker)
     max_failures: int = field(default_factory=lambda: environment().max_failures)  # Train retries after a worker dies
-    # Where Train puts result checkpoints: a local directory (one node) or a URI every node reaches
+    # Where Train keeps its run state (never results: see runners._ResultSink): a local directory (one node) or a URI every node reaches
     # (s3://bucket/ray-train, NFS). None = a temporary directory (single-node clusters only).
     storage_path: str | None = field(default_factory=lambda: environment().storage)
     # The longest a job (erasure, training, curvature) may run: ray.get and trainer.fit wait no longer,

@@ -2,9 +2,9 @@
 
 - :class:`RayTrainJobRunner`: a Ray Train ``TorchTrainer`` (gloo on CPU, NCCL on GPU). Every worker
   takes its shard of the records (``i % world_size == rank``) and the solver's sums are all-reduced,
-  so N workers compute what one process would. Rank 0 returns the candidate through a Train
-  checkpoint (Train V2 returns results through storage, not metrics); the run's storage directory
-  is deleted once the result is copied out.
+  so N workers compute what one process would. Rank 0 hands its result files to a sink actor of the
+  run (memory only), never to a Train checkpoint, which Train would copy to its storage (S3 on a
+  multi-node cluster); the run's own storage directory is deleted after it.
 - :class:`RayTaskJobRunner`: a one-worker job as a Ray task on a pooled worker process. A Train run
   costs about 16 s before and after the job on a 2-core machine (controller, worker group, gloo,
   torch/transformers imports in fresh processes: measured with an empty loop); a pooled worker keeps
@@ -135,13 +135,34 @@ def _all_reduce_sum(device: Any) -> Callable:
     return reduce
 
 
-def _report(rank: int, status: str, out_dir: Path | None) -> None:
+class _ResultSink:
+    """Holds rank 0's result files (path -> bytes) for the driver: a Ray actor of the run's, killed after it.
+
+    Why not a Train checkpoint: Train copies checkpoints to its storage (``ERASER_CLUSTER_STORAGE``, S3 on
+    a multi-node cluster), and a candidate adapter or a curvature is tenant data that must live nowhere
+    but the job's memory and the store's versions (issue 16); deleting the run afterwards was best effort."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] | None = None
+
+    def put(self, files: dict[str, bytes]) -> None:
+        self.files = files  # a restarted worker group (max_failures) overwrites a lost attempt's
+
+    def take(self) -> dict[str, bytes] | None:
+        return self.files
+
+
+def _files_of(directory: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(directory)): path.read_bytes() for path in directory.rglob("*") if path.is_file()}
+
+
+def _report(rank: int, status: str, out_dir: Path | None, sink: Any) -> None:
+    import ray
     import ray.train
 
     if rank == 0 and out_dir is not None:
-        ray.train.report({"status": status}, checkpoint=ray.train.Checkpoint.from_directory(str(out_dir)))
-    else:
-        ray.train.report({"status": status})
+        ray.get(sink.put.remote(_files_of(out_dir)), timeout=CALL_TIMEOUT_S)
+    ray.train.report({"status": status})
 
 
 def _resolved(job: Any) -> Any:
@@ -168,7 +189,7 @@ def _sharded_worker(config: dict) -> None:
     out_dir = Path(tempfile.mkdtemp(prefix="eraser-result-")) if rank == 0 else None
     try:
         body = execute_job(job, shard, out_dir, Heartbeat(job.heartbeat_dir, rank), device=device)
-        _report(rank, body["status"], out_dir)
+        _report(rank, body["status"], out_dir, config["sink"])
     finally:
         if out_dir is not None:
             shutil.rmtree(out_dir, ignore_errors=True)
@@ -185,7 +206,7 @@ def _training_worker(config: dict) -> None:
     try:
         body = (execute_training(job, out_dir, Heartbeat(job.heartbeat_dir, rank), device=device) if rank == 0
                 else {"status": "ok"})
-        _report(rank, body["status"], out_dir)
+        _report(rank, body["status"], out_dir, config["sink"])
     finally:
         if out_dir is not None:
             shutil.rmtree(out_dir, ignore_errors=True)
@@ -224,6 +245,7 @@ class RayTrainJobRunner(JobRunner):
         return self._fit(_training_worker, job, f"train-{job.tenant}-{job.job_id or uuid.uuid4().hex[:8]}", 1)
 
     def _fit(self, loop: Callable, job: Any, name: str, num_workers: int) -> JobResult:
+        import ray
         from ray.train import FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -231,9 +253,10 @@ class RayTrainJobRunner(JobRunner):
         own_storage = spec.storage_path is None
         storage = tempfile.mkdtemp(prefix="eraser-train-") if own_storage else spec.storage_path
         resources = {"CPU": spec.cpus_per_worker} | ({"GPU": 1} if spec.use_gpu else {})
+        sink = ray.remote(num_cpus=0)(_ResultSink).options(name=f"result-{name}").remote()
         trainer = TorchTrainer(
             loop,
-            train_loop_config={"job": job, "use_gpu": spec.use_gpu},
+            train_loop_config={"job": job, "use_gpu": spec.use_gpu, "sink": sink},
             torch_config=TorchConfig(backend="nccl" if spec.use_gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=spec.use_gpu, resources_per_worker=resources),
             run_config=RunConfig(name=name, storage_path=storage,
@@ -241,7 +264,6 @@ class RayTrainJobRunner(JobRunner):
         )
         logger.info("tenant %s: Ray Train run %s on %d worker(s) (%s), max_failures %d", job.tenant, name,
                     num_workers, "GPU/NCCL" if spec.use_gpu else "CPU/gloo", spec.max_failures)
-        workdir = Path(tempfile.mkdtemp(prefix="eraser-job-"))
         try:
             try:
                 result = _fit_within(trainer, spec.job_timeout_s, name, job.tenant)
@@ -252,14 +274,12 @@ class RayTrainJobRunner(JobRunner):
                                      f"(max_failures={spec.max_failures}): {_first_line(error)}") from error
             if getattr(result, "error", None) is not None:
                 raise JobFailedError(f"Ray Train run {name} of tenant {job.tenant!r} failed: {_first_line(result.error)}")
-            if result.checkpoint is None:
-                raise JobFailedError(f"Ray Train run {name} of tenant {job.tenant!r} finished without a result checkpoint")
-            result.checkpoint.to_directory(str(workdir))
-            return JobResult(body=read_result(workdir), workdir=workdir)
-        except BaseException:
-            shutil.rmtree(workdir, ignore_errors=True)
-            raise
+            files = ray.get(sink.take.remote(), timeout=CALL_TIMEOUT_S)
+            if not files:
+                raise JobFailedError(f"Ray Train run {name} of tenant {job.tenant!r} finished without a result")
+            return _collect(lambda workdir: _unpack(files, workdir))
         finally:
+            ray.kill(sink)
             _delete_run(storage, name, own_storage)
 
 
@@ -276,7 +296,7 @@ def _job_in_task(job: Any) -> dict[str, bytes]:
     try:
         execute_job(job, Shard(), out_dir, Heartbeat(job.heartbeat_dir, 0),
                     device=worker_device(bool(ray.get_gpu_ids()), 0))
-        return {str(path.relative_to(out_dir)): path.read_bytes() for path in out_dir.rglob("*") if path.is_file()}
+        return _files_of(out_dir)
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
 
@@ -366,7 +386,7 @@ def _first_line(error: BaseException) -> str:
 
 
 def _delete_run(storage: str, name: str, own_storage: bool) -> None:
-    """Delete the run's checkpoints: they hold a candidate adapter that must not outlive the job."""
+    """Delete the run's directory (Train's own state: no checkpoints, results go through the sink)."""
     try:
         if own_storage:
             shutil.rmtree(storage, ignore_errors=True)

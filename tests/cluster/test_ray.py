@@ -80,6 +80,25 @@ def test_ray_train_with_one_and_two_workers_and_a_ray_task_give_the_same_update(
                   f"job {stages['job_s']:.2f}s, influence {stages['influence_s']:.2f}s, load {stages['load_s']:.2f}s")
 
 
+def test_a_ray_train_result_never_lands_in_train_storage(ray_cluster, grace0_settings, tiny_base, tmp_path,
+                                                        monkeypatch):
+    """A curvature job through Ray Train with storage configured (as ERASER_CLUSTER_STORAGE does): the
+    curvature comes back to the driver, and Train's storage never held it, even with the run's deletion
+    switched off (it was the only cleanup, best effort, when results travelled as checkpoints)."""
+    from cluster import runners
+    from cluster.jobs import CurvatureJob
+
+    store, _ = onboard_local(grace0_settings, tiny_base)
+    monkeypatch.setattr(runners, "_delete_run", lambda *args: None)
+    storage = tmp_path / "train-storage"
+    runner = RayTrainJobRunner(RunnerSpec(kind="ray-train", num_workers=1, max_failures=0, storage_path=str(storage)))
+    with runner.run_curvature_job(CurvatureJob("acme", grace0_settings, "v000001", "d000001", EIGEN)) as result:
+        assert result.ok, result.error
+        assert result.load_curvature().rank > 0
+    kept = sorted(str(p.relative_to(storage)) for p in storage.rglob("*") if p.is_file())
+    assert not [name for name in kept if name.endswith(("curvature.pt", ".safetensors", "result.json"))], kept
+
+
 class SwitchBoard:
     """Stands in for the serving layer: records HEAD moves, answers when 'every replica' switched."""
 
