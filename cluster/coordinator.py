@@ -395,7 +395,10 @@ class ErasureCoordinator:
                 selected = request.resolve(records)
             except (TenantError, ValueError) as error:
                 self._update(receipt.request_id, lambda r, e=str(error): r.transition(ReceiptStatus.rejected, error=e))
-                logger.info("tenant %s: request %s rejected: %s", self.tenant, receipt.request_id, error)
+                # The reason may name data subjects: it is in the receipt (redacted after its retention),
+                # not in the logs, which no retention policy reaches.
+                logger.info("tenant %s: request %s rejected (%s; the reason is in its receipt)", self.tenant,
+                            receipt.request_id, type(error).__name__)
                 continue
             clashes = [i for i in selected if i in owner]
             if clashes and not (request.kind == "remove" and all(owner[i][1] == "remove" for i in clashes)):
