@@ -9,8 +9,11 @@ The rules (docs/operations.md#pitfalls-of-the-stack says why vLLM needs each one
    request that started on version k finishes on version k.
 3. When HEAD moves, the new version is loaded first, then becomes current: requests that start from
    then on use it. The old version is retired: once its last lease ends it is removed from the
-   engine (``remove_lora``), its local files are deleted, and the engine's prefix cache is reset, so
-   neither its weights nor KV computed with them stay anywhere on the replica.
+   engine (``remove_lora``) and its local files are deleted. Its KV blocks are not flushed: vLLM keys a
+   cached block by the LoRA's name and path, both new per version and never reused, so no request can
+   hit them again and they are recycled as memory is needed. vLLM's only flush (``reset_prefix_cache``)
+   is global and clears hashes, not memory: it would drop every tenant's prefix cache and, to succeed
+   under load, preempt every running request, while the blocks' contents stayed until reuse anyway.
 
 Versions are loaded lazily (a tenant's first request on a replica) and refreshed by a loop that
 polls HEAD every ``refresh_interval_s`` seconds, or at once by :meth:`AdapterRegistry.refresh`
@@ -156,7 +159,7 @@ class SwitchEvent:
     new_version: str | None  # version serving after (None: the tenant has no HEAD any more)
     started_at: float  # refresh started (HEAD read)
     serving_at: float  # new requests use new_version from here on
-    dropped_at: float | None  # old version removed from the engine, its files deleted, prefix cache reset
+    dropped_at: float | None  # old version removed from the engine and its files deleted
     in_flight: int  # requests still running on the old version when it was retired
 
     @property
@@ -326,15 +329,13 @@ class AdapterRegistry:
             self._spawn(self._drop(old))
 
     async def _drop(self, old: LoadedVersion) -> None:
-        """Remove a retired version from the engine and the disk, then reset the prefix cache."""
+        """Remove a retired version from the engine and the disk (its KV blocks: see the module docstring)."""
         if old.dropping:
             return
         old.dropping = True
         try:
             await self.engine.remove_adapter(old.ref.int_id)
             await asyncio.to_thread(self.source.discard, old.tenant, old.version)
-            if not await self.engine.reset_prefix_cache():
-                logger.warning("tenant %s: prefix cache reset after dropping %s failed", old.tenant, old.version)
         except Exception:
             old.dropping = False
             logger.exception("tenant %s: dropping adapter %s failed", old.tenant, old.version)
@@ -346,7 +347,7 @@ class AdapterRegistry:
         self._retired.remove(old)
         old.dropped.set()
         metrics.adapter_dropped(old.tenant, old.dropped_at - (old.retired_at or old.dropped_at))
-        logger.info("tenant %s: adapter %s (lora id %d) removed from engine and disk, prefix cache reset",
+        logger.info("tenant %s: adapter %s (lora id %d) removed from engine and disk",
                     old.tenant, old.version, old.ref.int_id)
 
     def _spawn(self, coroutine) -> None:

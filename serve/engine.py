@@ -108,10 +108,6 @@ class Engine(abc.ABC):
     async def list_adapters(self) -> set[int]:
         """Ids of the adapters the engine holds."""
 
-    @abc.abstractmethod
-    async def reset_prefix_cache(self) -> bool:
-        """Drop every cached KV block so no KV computed before this call is reused."""
-
     async def check_health(self) -> None:
         """Raise if the engine can no longer serve (Serve then replaces the replica)."""
 
@@ -251,13 +247,6 @@ class VLLMEngine(Engine):
 
     async def list_adapters(self) -> set[int]:
         return set(await self._llm.list_loras())
-
-    async def reset_prefix_cache(self) -> bool:
-        if await self._llm.reset_prefix_cache():
-            return True
-        # Blocks still held by running requests make the plain reset refuse. Preempt them: they go
-        # back to the queue and recompute their KV (their outputs so far are kept), and the reset succeeds.
-        return bool(await self._llm.reset_prefix_cache(reset_running_requests=True))
 
     async def check_health(self) -> None:
         if self._llm is None:

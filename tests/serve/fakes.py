@@ -55,10 +55,6 @@ class FakeEngine(Engine):
     async def list_adapters(self) -> set[int]:
         return set(self.adapters)
 
-    async def reset_prefix_cache(self) -> bool:
-        self.log.append(("reset", None))
-        return True
-
 
 class FakeSource(AdapterSource):
     """HEAD per tenant in a dict; versions are directories under ``root`` created on fetch."""

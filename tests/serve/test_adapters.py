@@ -69,7 +69,9 @@ def test_switch_gives_new_name_id_and_path_then_drops_old(tmp_path):
     assert set(engine.adapters) == {new["lora_int_id"]}
     assert not (tmp_path / "acme" / "v000001").exists() and (tmp_path / "acme" / "v000002").exists()
     kinds = [kind for kind, _ in engine.log]
-    assert kinds == ["add", "add", "remove", "reset"]  # new loaded before old removed; reset after remove
+    # new loaded before old removed; nothing else: a switch flushes no prefix cache and preempts no
+    # request of any tenant (issue 16; the old version's blocks are unreachable by name and path)
+    assert kinds == ["add", "add", "remove"]
 
 
 def test_in_flight_request_finishes_on_its_version_and_old_is_dropped_after(tmp_path):
