@@ -6,7 +6,9 @@ Ray: the curvature job a coordinator runs when idle (``CurvatureJob``), and the 
 (remove one customer, the default verified pipeline: solver ``eigen``, membership test, guard) once
 cold (the job builds the curvature) and once warm (the job receives the warmed one). Per tenant size
 and runner (Ray Train with N workers, a pooled Ray task, in-process): wall seconds of each job, the
-job's own stages, and whether the warm and cold updates are the same bits.
+job's own stages, and whether the warm and cold updates are the same bits. Against that, once per
+size: the exact retrain the erasure replaces (the tenant's recipe on the records without the customer,
+the product's training job, in-process), and the speed-up of the warm erasure over it.
 
     .venv/bin/python -m benchmarks.service_erasure                          # 200 and 600 records
     .venv/bin/python -m benchmarks.service_erasure --customers 40 --runners ray-train:1 ray-train:2 ray-task
@@ -69,7 +71,29 @@ def timed(run, job):
     return wall, result.body, tensors, curvature
 
 
-def measure(store, records: list, runner, label: str) -> dict:
+def erased_customer(records: list) -> tuple[str, list]:
+    """The customer every runner's request removes, and the records that stay."""
+    subject = records[0].subject
+    return subject, [r for r in records if r.subject != subject]
+
+
+def time_retrain(store, records: list) -> float:
+    """Wall seconds of the exact retrain without the erased customer: a data version of the kept records
+    (HEAD does not move) and the product's training job on it, in-process (no Ray launch charged)."""
+    from cluster import LocalJobRunner
+    from cluster.jobs import TrainingJob
+
+    _, kept = erased_customer(records)
+    data_version = store.put_dataset(TENANT, kept)
+    started = time.perf_counter()
+    with LocalJobRunner().run_training_job(TrainingJob(TENANT, store.settings, data_version)) as result:
+        wall = time.perf_counter() - started
+        if not result.ok:
+            raise RuntimeError(f"the retrain failed: {result.error}")
+    return wall
+
+
+def measure(store, records: list, runner, label: str, retrain_s: float) -> dict:
     """The curvature job, then the erasure job cold and warm, on ``runner``."""
     from dataclasses import replace
 
@@ -78,7 +102,7 @@ def measure(store, records: list, runner, label: str) -> dict:
 
     head, _ = store.get_head(TENANT)
     pipeline = PipelineConfig()
-    subject = records[0].subject
+    subject, _ = erased_customer(records)
     request = {"request_id": "bench-1", "tenant": TENANT, "kind": "remove", "subjects": [subject]}
     erasure = ErasureJob(TENANT, store.settings, head.adapter, head.data, (request,),
                          {"bench-1": tuple(r.id for r in records if r.subject == subject)}, pipeline=pipeline)
@@ -97,6 +121,7 @@ def measure(store, records: list, runner, label: str) -> dict:
         "cold_source": cold["solver"].get("curvature_cache"), "warm_source": warm["solver"].get("curvature_cache"),
         "iterations": cold["solver"].get("iterations"),
         "same_update": all(torch.equal(warm_update[k], v) for k, v in cold_update.items()),
+        "retrain_s": retrain_s, "speedup_warm": retrain_s / warm_s, "speedup_cold": retrain_s / cold_s,
     }
     print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
                       if not k.endswith("_stages")}), flush=True)
@@ -118,15 +143,16 @@ def make(name: str):
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| records | runner | curvature job (build) s | erasure cold s | erasure warm s | saved | influence cold / warm s | path | same update |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| records | runner | curvature job (build) s | erasure cold s | erasure warm s | saved | influence cold / warm s | path | same update | retrain s | speed-up warm (cold) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         saved = r["erasure_cold_s"] - r["erasure_warm_s"]
         lines.append(
             f"| {r['records']} | {r['runner']} | {r['curvature_job_s']:.1f} ({r['curvature_build_s']:.1f}) | "
             f"{r['erasure_cold_s']:.1f} | {r['erasure_warm_s']:.1f} | {saved:.1f} ({saved / r['erasure_cold_s']:.0%}) | "
             f"{r['cold_stages'].get('influence_s', 0):.1f} / {r['warm_stages'].get('influence_s', 0):.1f} | "
-            f"{r['cold_path']} / {r['warm_path']} | {'yes' if r['same_update'] else 'no'} |")
+            f"{r['cold_path']} / {r['warm_path']} | {'yes' if r['same_update'] else 'no'} | "
+            f"{r['retrain_s']:.1f} | {r['speedup_warm']:.1f}x ({r['speedup_cold']:.1f}x) |")
     return "\n".join(lines)
 
 
@@ -162,11 +188,14 @@ def main(argv: list[str] | None = None) -> int:
                 store = TenantStore(settings)
                 store.ensure_bucket()
                 records = build_tenant(store, root, customers, 5, args.epochs, args.seed)
+                retrain_s = time_retrain(store, records)
                 for name in args.runners:
-                    rows.append(measure(store, records, *make(name)))
+                    rows.append(measure(store, records, *make(name), retrain_s=retrain_s))
     finally:
         ray.shutdown()
-    result = {"benchmark": "service_erasure", "argv": argv, "options": {k: str(v) for k, v in vars(args).items()},
+    from benchmarks import provenance
+
+    result = {"benchmark": "service_erasure", "argv": argv, "versions": provenance.versions(), "options": {k: str(v) for k, v in vars(args).items()},
               "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": 1,
                           "cpus": args.ray_cpus},
               "elapsed_s": time.perf_counter() - started, "rows": rows}
