@@ -18,7 +18,7 @@ PACKAGES = ("torch", "transformers", "peft", "numpy", "scipy", "rouge-score", "m
 
 
 def versions() -> dict:
-    """Python and package versions, and the commit (``git_dirty``: eraser/ or benchmarks/ had edits)."""
+    """Python and package versions, and the commit (``git_dirty``: eraser/ or benchmarks/ code had edits)."""
     found: dict[str, Any] = {"python": platform.python_version()}
     for name in PACKAGES:
         try:
@@ -28,8 +28,10 @@ def versions() -> dict:
     try:
         found["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
                                              timeout=10).stdout.strip() or None
-        found["git_dirty"] = bool(subprocess.run(["git", "status", "--porcelain", "--", "eraser", "benchmarks"],
-                                                 cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip())
+        # Code edits only: the results this run (or an earlier one) writes do not make the code dirty.
+        found["git_dirty"] = bool(subprocess.run(
+            ["git", "status", "--porcelain", "--", "eraser", "benchmarks", ":(exclude)benchmarks/results"],
+            cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip())
     except (OSError, subprocess.SubprocessError):
         found["git_commit"] = None
     return found
