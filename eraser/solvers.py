@@ -1,4 +1,5 @@
 """Solvers for the damped influence system ``(H + lambda I) x = b`` (docs/method.md#the-influence-estimate).
+One module over 400 lines because every solver shares the monitor, the report and the stopping rule below.
 
 Each solver takes the damped operator as callables, so it is independent of how HVPs are made
 (one process, or summed across Ray Train workers):
@@ -185,6 +186,20 @@ def _preconditioned_cg(
     return x, _finish(monitor, require_converged)
 
 
+def _stochastic_check(monitor: _Monitor, step: int, max_iters: int, check_every: int,
+                      measure: Callable[[], float], progress: Callable[[int, float], None] | None) -> bool:
+    """The bookkeeping after step ``step`` (0-based) of a stochastic solver: count it; every ``check_every``
+    steps and at the last, record the true residual (``measure()``, one evaluation-batch HVP) and report
+    progress. True once converged."""
+    monitor.report.iterations = step + 1
+    if (step + 1) % check_every and step + 1 != max_iters:
+        return False
+    converged = monitor.record(measure())
+    if progress:
+        progress(step + 1, monitor.report.relative_residual)
+    return converged
+
+
 def stochastic_gradient(
     apply_minibatch: ApplyMinibatch,
     apply_eval: ApplyEval,
@@ -213,13 +228,9 @@ def stochastic_gradient(
         monitor.check_finite(grad, "gradient")
         velocity = momentum * velocity + grad
         x = x - lr * velocity
-        monitor.report.iterations = step + 1
-        if (step + 1) % check_every == 0 or step + 1 == max_iters:
-            converged = monitor.record(_relative_residual(apply_eval, x, b, monitor))
-            if progress:
-                progress(step + 1, monitor.report.relative_residual)
-            if converged:
-                break
+        if _stochastic_check(monitor, step, max_iters, check_every, lambda: _relative_residual(apply_eval, x, b, monitor),
+                             progress):
+            break
     return x, _finish(monitor, require_converged)
 
 
@@ -245,13 +256,9 @@ def lissa(
         h = b + h - apply_minibatch(step, h) / scale
         monitor.report.hvps += 1
         monitor.check_finite(h, "iterate")
-        monitor.report.iterations = step + 1
-        if (step + 1) % check_every == 0 or step + 1 == max_iters:
-            converged = monitor.record(_relative_residual(apply_eval, h / scale, b, monitor))
-            if progress:
-                progress(step + 1, monitor.report.relative_residual)
-            if converged:
-                break
+        if _stochastic_check(monitor, step, max_iters, check_every,
+                             lambda: _relative_residual(apply_eval, h / scale, b, monitor), progress):
+            break
     return h / scale, _finish(monitor, require_converged)
 
 
