@@ -215,16 +215,12 @@ class RayErasureService(ErasureService):
                                self.heartbeat_dir)
 
     def submit(self, request: ErasureRequest | Receipt | dict, start: bool = True) -> Receipt:
-        import ray
-
         request = as_request(request)
         body = ray_get(self.coordinator(request.tenant).submit.remote(request.model_dump(mode="json"), start),
                        CALL_TIMEOUT_S, f"the coordinator of tenant {request.tenant!r} (submit)")
         return Receipt.model_validate(body)
 
     def process(self, tenants: Sequence[str]) -> dict[str, list[dict]]:
-        import ray
-
         tenants = list(dict.fromkeys(tenants))
         refs = {tenant: self.coordinator(tenant).run_until_idle.remote() for tenant in tenants}
         return {tenant: ray_get(ref, ROUND_TIMEOUT_S, f"the coordinator of tenant {tenant!r} (its rounds)")
@@ -243,8 +239,6 @@ class RayErasureService(ErasureService):
         return {tenant: self.coordinator(tenant).run_until_idle.remote() for tenant in dict.fromkeys(tenants)}
 
     def onboard(self, tenant: str, data_version: str | None = None) -> str:
-        import ray
-
         return ray_get(self.coordinator(tenant).onboard.remote(data_version),
                        self.runner.job_timeout_s + CALL_TIMEOUT_S, f"the coordinator of tenant {tenant!r} (onboard)")
 
@@ -254,8 +248,6 @@ class RayErasureService(ErasureService):
         register_publish_hook(name, hook, self.namespace)
 
     def purge_due(self, tenants: Sequence[str]) -> None:
-        import ray
-
         ray_get([self.coordinator(tenant).purge_due.remote() for tenant in dict.fromkeys(tenants)], ROUND_TIMEOUT_S,
                 f"the coordinators of {sorted(set(tenants))} (purge)")
 
