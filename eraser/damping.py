@@ -34,7 +34,7 @@ from eraser.records import Record, per_record_losses
 from eraser.reference import evenly_spaced, member_pool, reference_pools
 from eraser.requests import Edit
 from eraser.update import lora_vector, set_lora_vector
-from eraser.verify import membership_scores
+from eraser.scoring import membership_scores
 
 logger = logging.getLogger(__name__)
 

@@ -58,3 +58,11 @@ class UnsupportedAdapterError(EraserError):
 
 class UnsupportedModelError(EraserError, NotImplementedError):
     """A base model whose attention computes something the method's attention does not (attention sinks, ...)."""
+
+
+def require_counts(config, names) -> None:
+    """Every config's count fields (sizes, steps, ranks) must be >= 1: raise :class:`EraserError` naming
+    the first that is not."""
+    for name in names:
+        if getattr(config, name) < 1:
+            raise EraserError(f"{name} must be >= 1, got {getattr(config, name)!r}")

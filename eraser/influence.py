@@ -21,7 +21,7 @@ import torch
 
 from eraser.curvature import CURVATURES, gradient_sum, hvp_sum, lora_parameters, num_parameters, sampled_ggn_factor
 from eraser.devices import accumulation_dtype, dtype_name, model_device
-from eraser.errors import EraserError, StaleCurvatureError
+from eraser.errors import EraserError, StaleCurvatureError, require_counts
 from eraser.records import Record, collate
 from eraser.requests import Edit
 from eraser import solvers
@@ -80,10 +80,8 @@ class SolveConfig:
         if self.max_iters < (0 if self.solver == "eigen" else 1):
             raise EraserError(f"max_iters must be >= 1 (>= 0 for solver 'eigen': keep the low-rank solution), "
                               f"got {self.max_iters!r}")
-        for name in ("batch_size", "eval_size", "micro_batch", "power_iters", "check_every",
-                     "rank", "cache_samples", "cache_draws"):
-            if getattr(self, name) < 1:
-                raise EraserError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        require_counts(self, ("batch_size", "eval_size", "micro_batch", "power_iters", "check_every",
+                              "rank", "cache_samples", "cache_draws"))
         if self.cache_budget_mib is not None and not (self.cache_budget_mib > 0 and math.isfinite(self.cache_budget_mib)):
             raise EraserError(f"cache_budget_mib must be a positive number or None, got {self.cache_budget_mib!r}")
         if self.cache_iters < 0:

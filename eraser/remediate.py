@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from eraser.curvature import flatten, lora_parameters
 from eraser.devices import model_device
-from eraser.errors import EraserError
+from eraser.errors import EraserError, require_counts
 from eraser.records import (
     IGNORE_INDEX,
     Record,
@@ -83,9 +83,7 @@ class RemediationConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "batch_size", "check_every"):
-            if getattr(self, name) < 1:
-                raise EraserError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        require_counts(self, ("max_steps", "batch_size", "check_every"))
         if self.forget not in ("npo", "ascent"):
             raise EraserError(f"forget must be 'npo' or 'ascent', got {self.forget!r}")
         if self.lr is not None and not self.lr > 0:

@@ -53,112 +53,25 @@ With fewer than ``min_reference`` reference records the test cannot decide: ``ve
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
 from eraser import clustered
-from eraser.errors import EraserError
 from eraser.extraction import extraction_recall, lcs_recall
 from eraser.metrics import greedy_answers
-from eraser.model import adapter_disabled
-from eraser.records import Record, token_nlls
+from eraser.records import Record
 from eraser.reference import evenly_spaced, member_pool, reference_pools, subject_key
 from eraser.requests import Edit
-from eraser.secrets import DIGIT, constant_digits, kept_digits, secret_exposure, secret_slots
+from eraser.scoring import RecordStats, _mean, membership_scores, record_statistics
+from eraser.secrets import DIGIT, kept_digits
+from eraser.verify_config import VerifyConfig
 
 logger = logging.getLogger(__name__)
 
+# VerifyConfig, RecordStats and the scoring live in their own modules; importable from here as before.
 __all__ = ["VerifyConfig", "VerifyResult", "RecordStats", "membership_scores", "record_statistics", "verify"]
-
-
-@dataclass(frozen=True)
-class VerifyConfig:
-    """The membership test's thresholds (see the module docstring for the criterion)."""
-
-    alpha: float = 0.05  # level of the group test and of the per-record test family (two-sided each)
-    calibrate: bool = True  # score = log(NLL / NLL under the base model) (False: log NLL)
-    min_k: float = 0.2  # Min-K% (Shi et al., 2024): fraction of least likely response tokens, reported
-    # Bits of calibrated exposure an erased span may always have (and the bound where too few reference spans
-    # exist for the predictive test). Exact retrains on TOFU reached 11.2 bits (the normal fit's tail is
-    # noisy at 24 candidates); the demo's memorised account numbers 27-72.
-    max_exposure: float = 16.0
-    secret_candidates: int = 24  # re-drawn digit strings per secret-like span
-    min_secret_digits: int = 4  # a response with at least this many secret digits holds a secret-like span
-    format_probability: float = 0.5  # a digit the base model predicts this well is format, not secret
-    preference_margin: float = 0.0  # nats/token the old pair may stay preferred by, beyond the base's
-    # Test 5 is reported, not gating, by default: exact retrains on TOFU's corrections failed it (shift
-    # -0.13: a retrain on the perturbed answers for 3 epochs still prefers the original's style).
-    gate_preference: bool = False
-    learned_quantile: float = 0.5  # new pairs' median score must be <= this quantile of the reference's
-    min_reference: int = 5  # fewer reference records than this: cannot verify
-    calibrate_exposure: bool = True  # base model (adapter disabled): find the slots, subtract its exposure
-    secrets: bool = True  # exposures and extraction at all (False: the cheap likelihood-only pre-check)
-    extraction_tokens: int = 48  # greedy tokens generated per record for the extraction test
-    extraction_counterfactuals: int = 24  # never-trained subjects each question template is asked about
-    # Reference records the secret tests score for their null, evenly spaced: this many records with a
-    # digit run long enough to hold a span (exposure), and this many records (extraction). Each costs
-    # 2 x (secret_candidates + 1) forward passes or a greedy decoding: most of the test's time.
-    secret_reference: int = 48
-    batch_size: int = 16
-    generation_batch_size: int = 64  # prompts per greedy-decoding batch (decoding steps dominate the test)
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not 0 < self.alpha < 1:
-            raise EraserError(f"alpha must be in (0, 1), got {self.alpha!r}")
-        if not 0 < self.min_k <= 1:
-            raise EraserError(f"min_k must be in (0, 1], got {self.min_k!r}")
-        if not 0 < self.format_probability <= 1:
-            raise EraserError(f"format_probability must be in (0, 1], got {self.format_probability!r}")
-        if not 0 <= self.learned_quantile <= 1:
-            raise EraserError(f"learned_quantile must be in [0, 1], got {self.learned_quantile!r}")
-        for name in ("secret_candidates", "min_secret_digits", "min_reference", "batch_size", "generation_batch_size", "secret_reference",
-                     "extraction_tokens",
-                     "extraction_counterfactuals"):
-            if getattr(self, name) < 1:
-                raise EraserError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        if self.max_exposure <= 0:
-            raise EraserError(f"max_exposure must be > 0, got {self.max_exposure!r}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class RecordStats:
-    """Per-record statistics of one population under one adapter (lists aligned with ``ids``)."""
-
-    ids: list[str] = field(default_factory=list)
-    groups: list[str] = field(default_factory=list)  # subject (or record) key: what records cluster by
-    nll: list[float] = field(default_factory=list)
-    base_nll: list[float] = field(default_factory=list)  # adapter disabled
-    score: list[float] = field(default_factory=list)  # log(nll / base_nll) (calibrate) or log nll
-    min_k: list[float] = field(default_factory=list)
-    exposure: list[float | None] = field(default_factory=list)  # None: no secret-like span
-    secret_rank: list[int | None] = field(default_factory=list)  # 1 = the true secret is the most likely
-
-    def summary(self) -> dict:
-        exposures = [e for e in self.exposure if e is not None]
-        return {
-            "count": len(self.ids),
-            "subjects": len(set(self.groups)),
-            "nll_mean": _mean(self.nll),
-            "nll_median": float(np.median(self.nll)) if self.nll else None,
-            "score_mean": _mean(self.score),
-            "min_k_mean": _mean(self.min_k),
-            "exposure_max": max(exposures) if exposures else None,
-        }
-
-    def select(self, ids: Iterable[str]) -> "RecordStats":
-        """The statistics of ``ids``, in that order (lists left empty, such as ``base_nll`` without
-        calibration, stay empty)."""
-        where = {record_id: i for i, record_id in enumerate(self.ids)}
-        keep = [where[record_id] for record_id in ids if record_id in where]
-        return RecordStats(**{name: [values[i] for i in keep] if values else []
-                              for name, values in asdict(self).items()})
 
 
 @dataclass
@@ -212,72 +125,6 @@ class VerifyResult:
             "checks": dict(self.checks),
         }
 
-
-def _mean(values: Sequence[float]) -> float | None:
-    return float(np.mean(values)) if len(values) else None
-
-
-def min_k_nll(tokens, fraction: float) -> float:
-    """Mean NLL of the ``ceil(fraction * T)`` least likely tokens (Min-K%, as an NLL)."""
-    count = max(1, math.ceil(fraction * tokens.numel()))
-    return float(tokens.topk(count).values.mean())
-
-
-# -- statistics ---------------------------------------------------------------------------------
-def membership_scores(nll: Sequence[float], base_nll: Sequence[float] | None = None) -> list[float]:
-    """``log(nll / base_nll)`` per record (``log nll`` without a base): low = taught by the adapter."""
-    logs = np.log(np.maximum(np.asarray(nll, dtype=float), 1e-8))
-    if base_nll is not None:
-        logs = logs - np.log(np.maximum(np.asarray(base_nll, dtype=float), 1e-8))
-    return [float(v) for v in logs]
-
-
-def record_statistics(model, tokenizer, records: Sequence[Record], config: VerifyConfig,
-                      secrets: bool = True, population: Sequence[Record] = (),
-                      secret_ids: set[str] | None = None, kept: Mapping[str, set[int]] | None = None) -> RecordStats:
-    """Score, NLL, Min-K% and (where the response holds a secret-like span) calibrated exposure and rank.
-
-    ``population``: the tenant's records the format of digit runs is learned from (constant_digits);
-    ``secret_ids``: the records whose exposure is computed (None: all); ``kept``: per record id, the
-    response positions whose digits are not secret (a correction keeps them: ``kept_digits``).
-    """
-    stats = RecordStats(ids=[r.id for r in records], groups=[subject_key(r) for r in records])
-    if not records:
-        return stats
-    model.eval()
-    tokens, losses = token_nlls(model, records, tokenizer, config.batch_size)
-    stats.nll = [float(v) for v in losses]
-    if config.calibrate:
-        with adapter_disabled(model):
-            _, base = token_nlls(model, records, tokenizer, config.batch_size)
-        stats.base_nll = [float(v) for v in base]
-    stats.score = membership_scores(stats.nll, stats.base_nll if config.calibrate else None)
-    stats.min_k = [min_k_nll(t, config.min_k) for t in tokens]
-    for record in records:
-        wanted = secrets and (secret_ids is None or record.id in secret_ids)
-        exposure, rank = (_record_exposure(model, tokenizer, record, config, population, (kept or {}).get(record.id))
-                          if wanted else (None, None))
-        stats.exposure.append(exposure)
-        stats.secret_rank.append(rank)
-    return stats
-
-
-def _record_exposure(model, tokenizer, record: Record, config: VerifyConfig,
-                     population: Sequence[Record], kept: set[int] | None = None) -> tuple[float | None, int | None]:
-    if len(DIGIT.findall(record.response)) - len(kept or ()) < config.min_secret_digits:
-        return None, None
-    slots = (secret_slots(model, tokenizer, record, config.format_probability) if config.calibrate_exposure
-             else [i for i, ch in enumerate(record.response) if ch.isdigit()])
-    fixed = constant_digits(record, population) | (kept or set())
-    slots = [i for i in slots if i not in fixed]
-    if len(slots) < config.min_secret_digits:
-        return None, None
-    args = (slots, config.secret_candidates, config.seed, config.batch_size)
-    exposure, rank = secret_exposure(model, tokenizer, record, *args)
-    if config.calibrate_exposure:
-        with adapter_disabled(model):
-            exposure -= secret_exposure(model, tokenizer, record, *args)[0]
-    return exposure, rank
 
 
 # -- the test -----------------------------------------------------------------------------------
