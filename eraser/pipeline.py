@@ -26,7 +26,6 @@ they are reported as ``heldout_affected`` and left out of the reference populati
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
@@ -35,11 +34,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from eraser.curvature import lora_parameters
 from eraser.damping import DampingChoice, DampingSearch, choose_damping
 from eraser.erase import EraseResult, erase, loss_checks, retained_sample
 from eraser.errors import (
-    AdapterMismatchError,
     EraserError,
     SolverDivergedError,
     SolverNotConvergedError,
@@ -47,19 +44,23 @@ from eraser.errors import (
     VerificationUnavailableError,
 )
 from eraser.influence import InfluenceSystem, Shard, SolveConfig
-from eraser.records import Record, per_record_losses
+from eraser.outcome import PATHS, ErasureOutcome, failure_reason, guard
+from eraser.records import Record
 from eraser.reference import steering_split, subject_key
-from eraser.remediate import RemediationConfig, RemediationReport, remediate
-from eraser.requests import Edit, EditRequest, apply_edits, merge_edits
-from eraser.solvers import SolverReport
-from eraser.training import TrainConfig, TrainReport, add_lora, train_lora
+from eraser.remediate import RemediationConfig, remediate
+from eraser.requests import Edit, EditRequest, apply_edits, merge_edits, restrict_requests
+from eraser.training import TrainConfig, retrain_adapter
 from eraser.update import lora_vector, set_lora_vector
 from eraser.verify import VerifyConfig, VerifyResult, verify
 
 logger = logging.getLogger(__name__)
 
+# Moved by concept, importable from here as before: the outcome and its guard (eraser.outcome), the
+# requests' restriction to the training split (eraser.requests), the exact retrain (eraser.training).
+__all__ = ["PATHS", "DEFAULT_DAMPING", "PipelineConfig", "ReferenceHalves", "InfluenceStage", "ErasureOutcome",
+           "restrict_requests", "run_influence", "complete_erasure", "verified_erase", "retrain_adapter"]
 
-PATHS: tuple[str, ...] = ("influence", "influence+remediation", "retrain", "unchanged")
+
 # Relative damping used when the search cannot run (another solver than the bare low-rank solution, or
 # nothing to steer by): the value the verify_regimes benchmark measured best for CG (issue 8).
 DEFAULT_DAMPING = 0.01
@@ -152,83 +153,6 @@ class InfluenceStage:
     search: DampingChoice | None = None  # the damping search, when it ran
     attempts: list[dict] = field(default_factory=list)  # one per damping tried
     stages: dict = field(default_factory=dict)
-
-
-@dataclass
-class ErasureOutcome:
-    """The evidence of one verified erasure: what the receipt and eraser.json record."""
-
-    path: str  # one of PATHS
-    verified: bool  # False only when require_verification=False and no reference existed
-    edits: list[Edit]
-    records_after: list[Record]
-    heldout_affected: list[str]
-    retained_before: float | None
-    retained_after: float | None
-    retained_bound: float | None
-    verification_before: VerifyResult | None  # the original adapter (verify_original only)
-    verification_influence: VerifyResult | None  # after the influence update (look 1)
-    verification: VerifyResult | None  # the published candidate
-    solver: SolverReport | None
-    damping: float | None  # relative damping of the accepted influence solve
-    attempts: list[dict] = field(default_factory=list)
-    search: DampingChoice | None = None
-    reference: dict = field(default_factory=dict)  # ReferenceHalves.describe() and the looks
-    remediation: RemediationReport | None = None
-    retrain: TrainReport | None = None
-    guard: dict = field(default_factory=dict)
-    checks: dict = field(default_factory=dict)  # affected/retained/replacement loss, before and after
-    stages: dict = field(default_factory=dict)  # seconds per stage
-
-    @property
-    def records_affected(self) -> list[str]:
-        return [edit.old.id for edit in self.edits]
-
-    def summary(self) -> dict:
-        """JSON-ready: path, test statistics before/after, retained before/after, time per stage."""
-        brief = lambda v: v.brief() if v is not None else None  # noqa: E731
-        return {
-            "path": self.path,
-            "verified": self.verified,
-            "records_affected": self.records_affected,
-            "heldout_affected": self.heldout_affected,
-            "verification": {"before": brief(self.verification_before),
-                             "influence": brief(self.verification_influence),
-                             "after": brief(self.verification)},
-            "reference": self.reference,
-            "retained": {"before": self.retained_before, "after": self.retained_after, "bound": self.retained_bound},
-            "solver": self.solver.to_dict() if self.solver else None,
-            "damping": self.damping,
-            "damping_search": self.search.to_dict() if self.search else None,
-            "damping_attempts": self.attempts,
-            "remediation": self.remediation.to_dict() if self.remediation else None,
-            "retrain": ({k: v for k, v in asdict(self.retrain).items() if k != "loss_history"}
-                        if self.retrain else None),
-            "guard": self.guard,
-            "checks": self.checks,
-            "stages": self.stages,
-        }
-
-
-# -- requests against the training split --------------------------------------------------------
-def restrict_requests(requests: Sequence[EditRequest], records: Sequence[Record],
-                      heldout: Sequence[Record]) -> tuple[list[EditRequest], list[str]]:
-    """Validate ``requests`` against all the tenant's records (training + held-out); return them
-    restricted to the training records (as id lists), and the held-out ids they name."""
-    merge_edits(requests, [*records, *heldout])  # raises on unknown ids/subjects, bad replacements
-    heldout_ids = {r.id for r in heldout}
-    restricted, touched = [], []
-    for request in requests:
-        edits = merge_edits([request], [*records, *heldout])
-        touched += [e.old.id for e in edits if e.old.id in heldout_ids]
-        ids = tuple(e.old.id for e in edits if e.old.id not in heldout_ids)
-        if not ids:
-            continue
-        replacements = ({i: request.replacements[i] for i in ids if i in request.replacements}
-                        if request.replacements else None)
-        restricted.append(EditRequest(kind=request.kind, records=ids, replacements=replacements,
-                                      request_id=request.request_id))
-    return restricted, touched
 
 
 # -- stage 1 (every rank) -----------------------------------------------------------------------
@@ -378,12 +302,12 @@ def complete_erasure(
             raise VerificationFailedError("influence solve failed at every damping and no reference exists "
                                           "to verify a remediation or retrain", outcome=outcome)
         outcome.verified = False
-        return _guard(model, tokenizer, outcome, "influence", outcome.verification_influence, stage, config, started)
+        return guard(model, tokenizer, outcome, "influence", outcome.verification_influence, stage, started)
 
     if stage.result is not None:
         retained = stage.result.checks["retained_loss_after"] or 0.0  # the candidate in the model now
         if outcome.verification_influence.passed and retained <= outcome.retained_bound:
-            return _guard(model, tokenizer, outcome, "influence", outcome.verification_influence, stage, config, started)
+            return guard(model, tokenizer, outcome, "influence", outcome.verification_influence, stage, started)
         if config.remediate:
             mark = time.perf_counter()
             outcome.remediation = remediate(
@@ -396,12 +320,12 @@ def complete_erasure(
                 result = check(halves.deciding, decide)
                 stages["verify_s"] += time.perf_counter() - mark
                 if result.passed:
-                    return _guard(model, tokenizer, outcome, "influence+remediation", result, stage, config, started)
+                    return guard(model, tokenizer, outcome, "influence+remediation", result, stage, started)
                 outcome.verification = result
                 logger.warning("remediation passed on the steering half but not on the deciding half: %s",
                                result.reason)
     if not (config.retrain and recipe is not None):
-        raise VerificationFailedError(_failure("no retrain fallback (no recipe or retrain disabled)", outcome),
+        raise VerificationFailedError(failure_reason("no retrain fallback (no recipe or retrain disabled)", outcome),
                                       outcome=outcome)
     mark = time.perf_counter()
     outcome.retrain = retrain_adapter(model, tokenizer, stage.records_after, recipe, base_factory)
@@ -409,7 +333,7 @@ def complete_erasure(
     mark = time.perf_counter()
     result = check(halves.deciding, decide)  # reported: a retrain is the target, not a candidate
     stages["verify_s"] += time.perf_counter() - mark
-    return _guard(model, tokenizer, outcome, "retrain", result, stage, config, started)
+    return guard(model, tokenizer, outcome, "retrain", result, stage, started)
 
 
 def verified_erase(
@@ -445,75 +369,3 @@ def verified_erase(
     stage = run_influence(model, tokenizer, records, requests, config, heldout=heldout, shard=shard, system=system,
                           progress=progress)
     return complete_erasure(model, tokenizer, stage, heldout, recipe, config, base_factory=base_factory, gold=gold)
-
-
-# -- pieces -------------------------------------------------------------------------------------
-def retrain_adapter(model, tokenizer, records_after: Sequence[Record], recipe: TrainConfig,
-                    base_factory: Callable[[], torch.nn.Module] | None = None) -> TrainReport:
-    """Exact retrain: ``train_lora`` on a fresh ``add_lora`` of the base; weights copied into ``model``."""
-    base = base_factory() if base_factory is not None else copy.deepcopy(model).unload()
-    fresh = add_lora(base, recipe)
-    report = train_lora(fresh, tokenizer, records_after, recipe)
-    source = {name: p for name, p in fresh.named_parameters() if "lora_" in name}
-    target = {name: p for name, p in model.named_parameters() if "lora_" in name}
-    if sorted(source) != sorted(target) or any(source[n].shape != target[n].shape for n in target):
-        raise AdapterMismatchError("the recipe's LoRA layout (rank, target modules) differs from the adapter's; "
-                                   "retrain with the adapter's own recipe")
-    with torch.no_grad():
-        for name, p in target.items():
-            p.copy_(source[name])
-    model.eval()
-    return report
-
-
-def _failure(why: str, outcome: ErasureOutcome) -> str:
-    last = outcome.remediation.verification if outcome.remediation and outcome.remediation.verification else (
-        outcome.verification_influence or outcome.verification_before)
-    solver = [f"damping {a['damping']:.3g}: {a.get('error', a['outcome'])}" for a in outcome.attempts
-              if a["outcome"] != "ok"]
-    return (f"no adapter passed verification ({why}); last test: {last.reason if last else 'none'}"
-            + (f"; influence attempts: {'; '.join(solver)}" if solver else ""))
-
-
-def _guard(model, tokenizer, outcome: ErasureOutcome, path: str, result: VerifyResult | None,
-           stage: InfluenceStage, config: PipelineConfig, started: float) -> ErasureOutcome:
-    """The last gate before publishing. Influence paths: finite, solved (converged, or the exact solution
-    of the cached low-rank system), retained NLL within the bound, membership test passed. The retrain
-    is the target itself: only finiteness gates it; its test and retained NLL are reported."""
-    mark = time.perf_counter()
-    outcome.path = path
-    outcome.verification = result
-    if path == "influence" and stage.result is not None:  # the model holds the update erase() measured
-        after = {key[: -len("_after")]: value for key, value in stage.result.checks.items() if key.endswith("_after")}
-    else:
-        after = loss_checks(model, tokenizer, stage.edits, stage.retained)
-    outcome.retained_after = after["retained_loss"] or 0.0
-    outcome.checks = {f"{key}_before": value for key, value in stage.checks_before.items()}
-    outcome.checks.update({f"{key}_after": value for key, value in after.items()})
-    outcome.checks["records_affected"] = len(stage.edits)
-    finite = all(bool(torch.isfinite(p).all()) for p in lora_parameters(model))
-    if path == "retrain":
-        outcome.guard = {"finite": finite}
-        outcome.checks["retrain_reported"] = {
-            "retained_within_bound": finite and outcome.retained_after <= outcome.retained_bound,
-            "membership_test_passed": bool(result is not None and result.passed)}
-    else:
-        report = stage.result.report if stage.result else None
-        outcome.guard = {
-            "finite": finite,
-            "converged": bool(report and (report.converged or report.extra.get("lowrank_exact"))),
-            "retained_within_bound": finite and outcome.retained_after <= outcome.retained_bound,
-            "membership_test_passed": bool(result is not None and result.passed) or not outcome.verified,
-        }
-    outcome.stages["guard_s"] = time.perf_counter() - mark
-    outcome.stages["total_s"] = outcome.stages.get("influence_s", 0.0) + time.perf_counter() - started
-    failed = [name for name, ok in outcome.guard.items() if not ok]
-    if failed:
-        detail = (f"retained NLL {outcome.retained_after:.4f} > bound {outcome.retained_bound:.4f}"
-                  if "retained_within_bound" in failed else (result.reason if result else ""))
-        raise VerificationFailedError(f"guard refused the {path} adapter ({', '.join(failed)}): {detail}",
-                                      outcome=outcome)
-    logger.info("verified erasure: path %s, %d record(s), retained NLL %.4f -> %.4f (bound %.4f), %.1fs",
-                path, len(outcome.edits), outcome.retained_before, outcome.retained_after, outcome.retained_bound,
-                outcome.stages["total_s"])
-    return outcome

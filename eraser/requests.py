@@ -128,3 +128,23 @@ def apply_edits(records: Sequence[Record], edits: Sequence[Edit]) -> list[Record
         elif edit.new is not None:
             result.append(edit.new)
     return result
+
+
+def restrict_requests(requests: Sequence[EditRequest], records: Sequence[Record],
+                      heldout: Sequence[Record]) -> tuple[list[EditRequest], list[str]]:
+    """Validate ``requests`` against all the tenant's records (training + held-out); return them
+    restricted to the training records (as id lists), and the held-out ids they name."""
+    merge_edits(requests, [*records, *heldout])  # raises on unknown ids/subjects, bad replacements
+    heldout_ids = {r.id for r in heldout}
+    restricted, touched = [], []
+    for request in requests:
+        edits = merge_edits([request], [*records, *heldout])
+        touched += [e.old.id for e in edits if e.old.id in heldout_ids]
+        ids = tuple(e.old.id for e in edits if e.old.id not in heldout_ids)
+        if not ids:
+            continue
+        replacements = ({i: request.replacements[i] for i in ids if i in request.replacements}
+                        if request.replacements else None)
+        restricted.append(EditRequest(kind=request.kind, records=ids, replacements=replacements,
+                                      request_id=request.request_id))
+    return restricted, touched

@@ -6,6 +6,7 @@ so the gold adapter and the erased adapter answer the same question.
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
 import time
@@ -15,7 +16,7 @@ from typing import Callable, Sequence
 import torch
 
 from eraser.devices import model_device
-from eraser.errors import EraserError
+from eraser.errors import AdapterMismatchError, EraserError, require_counts
 from eraser.records import Record, collate, record_losses
 
 logger = logging.getLogger(__name__)
@@ -39,9 +40,7 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("rank", "epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise EraserError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        require_counts(self, ("rank", "epochs", "batch_size"))
         if not self.lr > 0:
             raise EraserError(f"lr must be > 0, got {self.lr!r}")
         if not 0 <= self.dropout < 1:
@@ -167,4 +166,22 @@ def pretrain_base(
     model.eval()
     report.final_loss = report.loss_history[-1]
     report.wall_time_s = time.perf_counter() - started
+    return report
+
+
+def retrain_adapter(model, tokenizer, records_after: Sequence[Record], recipe: TrainConfig,
+                    base_factory: Callable[[], torch.nn.Module] | None = None) -> TrainReport:
+    """Exact retrain: ``train_lora`` on a fresh ``add_lora`` of the base; weights copied into ``model``."""
+    base = base_factory() if base_factory is not None else copy.deepcopy(model).unload()
+    fresh = add_lora(base, recipe)
+    report = train_lora(fresh, tokenizer, records_after, recipe)
+    source = {name: p for name, p in fresh.named_parameters() if "lora_" in name}
+    target = {name: p for name, p in model.named_parameters() if "lora_" in name}
+    if sorted(source) != sorted(target) or any(source[n].shape != target[n].shape for n in target):
+        raise AdapterMismatchError("the recipe's LoRA layout (rank, target modules) differs from the adapter's; "
+                                   "retrain with the adapter's own recipe")
+    with torch.no_grad():
+        for name, p in target.items():
+            p.copy_(source[name])
+    model.eval()
     return report
