@@ -24,7 +24,7 @@ from typing import Any
 from pydantic import Field
 
 from tenants.errors import LeaseHeldError, LeaseLostError, StoreError
-from tenants.models import _Model, utcnow
+from tenants.models.base import _Model, utcnow
 from tenants.s3io import PreconditionLost
 
 logger = logging.getLogger(__name__)
