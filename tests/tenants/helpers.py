@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tenants.models import AdapterManifest, Head, Record, TenantConfig
+from tenants.models import AdapterManifest, ErasureRequest, Head, Record, TenantConfig
 
 
 def records(n: int = 6, subjects: int = 3) -> list[Record]:
@@ -34,3 +34,22 @@ def onboard(store: Any, tmp_path: Path, tenant: str = "acme", n: int = 6) -> tup
     )
     etag = store.move_head(tenant, Head(adapter=adapter, data=data), None)
     return data, adapter, etag
+
+
+def erase_r1(store: Any, tmp_path: Path) -> tuple[str, str, str, str]:
+    """Onboard acme, then erase record r1 as the service does (receipt running, new data and adapter,
+    HEAD moved, receipt published); returns (old data, old adapter, new data, new adapter)."""
+    d1, v1, etag = onboard(store, tmp_path)
+    request = ErasureRequest(request_id="req-1", tenant="acme", kind="remove", records=["r1"])
+    receipt, _ = store.submit_erasure(request)
+    receipt.transition("running", old_adapter_version=v1, old_data_version=d1)
+    store.save_receipt(receipt)
+    selected = request.resolve(store.iter_dataset("acme", d1))
+    d2 = store.put_dataset("acme", request.apply(store.iter_dataset("acme", d1), selected), parent=d1,
+                           request_ids=[request.request_id])
+    v2 = store.publish_adapter("acme", adapter_dir(tmp_path, b"erased", "v2"),
+                               AdapterManifest(parent_version=v1, data_version=d2, request_ids=["req-1"], path="influence"))
+    store.move_head("acme", Head(adapter=v2, data=d2), etag)
+    receipt.transition("published", new_adapter_version=v2, new_data_version=d2, records_affected=selected)
+    store.save_receipt(receipt)
+    return d1, v1, d2, v2

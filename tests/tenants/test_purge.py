@@ -6,10 +6,10 @@ from datetime import timedelta
 
 import pytest
 
-from tenants.models import AdapterManifest, DataManifest, ErasureRequest, Head, utcnow
+from tenants.models import AdapterManifest, DataManifest, utcnow
 from tenants.retention import plan_purge
 
-from tests.tenants.helpers import adapter_dir, onboard
+from tests.tenants.helpers import erase_r1
 
 
 def data(version, parent=None, requests=()):
@@ -59,19 +59,7 @@ def test_plan_never_touches_protected_and_survives_cycles():
 
 @pytest.mark.slow
 def test_purge_after_an_erasure(store, tmp_path):
-    d1, v1, etag = onboard(store, tmp_path)
-    request = ErasureRequest(request_id="req-1", tenant="acme", kind="remove", records=["r1"])
-    receipt, _ = store.submit_erasure(request)
-    receipt.transition("running", old_adapter_version=v1, old_data_version=d1)
-    store.save_receipt(receipt)
-    selected = request.resolve(store.iter_dataset("acme", d1))
-    d2 = store.put_dataset("acme", request.apply(store.iter_dataset("acme", d1), selected), parent=d1,
-                           request_ids=[request.request_id])
-    v2 = store.publish_adapter("acme", adapter_dir(tmp_path, b"erased", "v2"),
-                               AdapterManifest(parent_version=v1, data_version=d2, request_ids=["req-1"], path="influence"))
-    store.move_head("acme", Head(adapter=v2, data=d2), etag)
-    receipt.transition("published", new_adapter_version=v2, new_data_version=d2, records_affected=selected)
-    store.save_receipt(receipt)
+    d1, v1, d2, v2 = erase_r1(store, tmp_path)
     assert "r1" not in {r.id for r in store.iter_dataset("acme", d2)}
 
     # within the grace period nothing goes (rollback stays possible)

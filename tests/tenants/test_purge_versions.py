@@ -7,9 +7,9 @@ import uuid
 
 import pytest
 
-from tenants.models import AdapterManifest, ErasureRequest, Head
+from tenants.models import ErasureRequest
 from tenants.store import TenantStore
-from tests.tenants.helpers import adapter_dir, onboard
+from tests.tenants.helpers import erase_r1, onboard
 
 
 @pytest.fixture(scope="module")
@@ -43,19 +43,7 @@ def test_purge_deletes_noncurrent_versions_of_erased_data(vstore, tmp_path):
 
     store = vstore
     assert store.bucket_versioned()
-    d1, v1, etag = onboard(store, tmp_path)
-    request = ErasureRequest(request_id="req-1", tenant="acme", kind="remove", records=["r1"])
-    receipt, _ = store.submit_erasure(request)
-    receipt.transition("running", old_adapter_version=v1, old_data_version=d1)
-    store.save_receipt(receipt)
-    selected = request.resolve(store.iter_dataset("acme", d1))
-    d2 = store.put_dataset("acme", request.apply(store.iter_dataset("acme", d1), selected), parent=d1,
-                           request_ids=["req-1"])
-    v2 = store.publish_adapter("acme", adapter_dir(tmp_path, b"erased", "v2"),
-                               AdapterManifest(parent_version=v1, data_version=d2, request_ids=["req-1"], path="influence"))
-    store.move_head("acme", Head(adapter=v2, data=d2), etag)
-    receipt.transition("published", new_adapter_version=v2, new_data_version=d2, records_affected=selected)
-    store.save_receipt(receipt)
+    d1, v1, d2, v2 = erase_r1(store, tmp_path)
     old_data = store.layout.data_dir("acme", d1)
     assert any(b"code-1" in gzip.decompress(body) for body in bytes_of_every_version(store, old_data)
                if body[:2] == b"\x1f\x8b")
