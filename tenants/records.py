@@ -24,6 +24,21 @@ def _describe(error: ValidationError) -> str:
     return f"{where}: {first.get('msg')}"
 
 
+def _validated(data: Any, where: str) -> Record:
+    """``data`` as a Record, or InvalidRecordsError naming ``where`` and the first bad field."""
+    try:
+        return Record.model_validate(data)
+    except ValidationError as error:
+        raise InvalidRecordsError(f"{where}: invalid record: {_describe(error)}") from error
+
+
+def _first_time(record: Record, seen: dict[str, int], position: int, where: str, first_at: str) -> None:
+    """Refuse a record id already ``seen`` (InvalidRecordsError naming both places), else note it at ``position``."""
+    if record.id in seen:
+        raise InvalidRecordsError(f"{where}: duplicate record id {record.id!r} ({first_at} {seen[record.id]})")
+    seen[record.id] = position
+
+
 def with_derived_id(data: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     """A chat record given without ``id`` gets one derived from its messages (stable across uploads)."""
     if data.get("id") is not None or not isinstance(data.get("messages"), list):
@@ -62,15 +77,8 @@ def parse_jsonl(lines: Iterable[str | bytes], source: str = "<records>") -> Iter
             raise InvalidRecordsError(f"{source}:{number}: expected a JSON object, got {type(data).__name__}")
         data, was_derived = with_derived_id(data)
         derived += was_derived
-        try:
-            record = Record.model_validate(data)
-        except ValidationError as error:
-            raise InvalidRecordsError(f"{source}:{number}: invalid record: {_describe(error)}") from error
-        if record.id in seen:
-            raise InvalidRecordsError(
-                f"{source}:{number}: duplicate record id {record.id!r} (first on line {seen[record.id]})"
-            )
-        seen[record.id] = number
+        record = _validated(data, f"{source}:{number}")
+        _first_time(record, seen, number, f"{source}:{number}", "first on line")
         yield record
     if derived:
         logger.info("%s: %d record(s) had no id; ids derived from their messages (sha256)", source, derived)
@@ -91,15 +99,8 @@ def coerce_records(records: Iterable[Record | dict[str, Any]]) -> Iterator[Recor
         if isinstance(item, Record):
             record = item
         else:
-            try:
-                record = Record.model_validate(with_derived_id(item)[0] if isinstance(item, dict) else item)
-            except ValidationError as error:
-                raise InvalidRecordsError(f"record {position}: invalid record: {_describe(error)}") from error
-        if record.id in seen:
-            raise InvalidRecordsError(
-                f"record {position}: duplicate record id {record.id!r} (first at record {seen[record.id]})"
-            )
-        seen[record.id] = position
+            record = _validated(with_derived_id(item)[0] if isinstance(item, dict) else item, f"record {position}")
+        _first_time(record, seen, position, f"record {position}", "first at record")
         yield record
 
 
