@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import unicodedata
 from datetime import datetime, timezone
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict
+
+from tenants.paths import (
+    validate_adapter_version,
+    validate_data_version,
+    validate_request_id,
+    validate_tenant_name,
+)
 
 
 def utcnow() -> datetime:
@@ -25,6 +33,13 @@ def producer_version() -> str:
 class _Model(BaseModel):
     # allow_inf_nan=False: ``lr: Infinity`` (Python's json accepts it) is refused, not trained with
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+# The names S3 keys are built from, checked wherever a model holds one (tenants.paths says what is valid).
+TenantName = Annotated[str, AfterValidator(validate_tenant_name)]
+RequestId = Annotated[str, AfterValidator(validate_request_id)]
+AdapterVersion = Annotated[str, AfterValidator(validate_adapter_version)]
+DataVersion = Annotated[str, AfterValidator(validate_data_version)]
 
 
 def normalize_subject(subject: str) -> str:

@@ -5,10 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from tenants.models.base import _Model, utcnow
-from tenants.paths import validate_tenant_name
+from tenants.models.base import TenantName, _Model, utcnow
 
 
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -78,17 +77,12 @@ class KeyHash(_Model):
 class TenantConfig(_Model):
     """``tenant.json``: the base model, LoRA and training recipe, and API key hashes of a tenant."""
 
-    name: str = Field(description="tenant name (lowercase letters, digits, '-')")
+    name: TenantName = Field(description="tenant name (lowercase letters, digits, '-')")
     base_model: str = Field(min_length=1, description="model name under models/, an s3:// URI or a local path")
     lora: LoraRecipe = Field(default_factory=LoraRecipe, description="LoRA shape")
     training: TrainingRecipe = Field(default_factory=TrainingRecipe, description="training recipe")
     key_hashes: list[KeyHash] = Field(default_factory=list, description="hashes of the tenant's API keys")
     created_at: datetime = Field(default_factory=utcnow, description="when the tenant was created")
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value: str) -> str:
-        return validate_tenant_name(value)
 
     def retrain_unavailable(self) -> str | None:
         """Why the exact-retrain fallback cannot run for this tenant, for receipts and manifests; None: it can."""

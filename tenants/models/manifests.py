@@ -5,30 +5,19 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from tenants.models.base import _Model, producer_version, utcnow
+from tenants.models.base import AdapterVersion, DataVersion, _Model, producer_version, utcnow
 from tenants.models.receipts import ErasurePath
-from tenants.paths import validate_adapter_version, validate_data_version
 
 
 class Head(_Model):
     """``HEAD.json``: the live adapter and data version of a tenant."""
 
-    adapter: str = Field(description="live adapter version")
-    data: str = Field(description="live data version (the records the adapter reflects)")
+    adapter: AdapterVersion = Field(description="live adapter version")
+    data: DataVersion = Field(description="live data version (the records the adapter reflects)")
     updated_at: datetime | None = Field(None, description="when HEAD was moved (makes every HEAD.json distinct)")
     lease_token: int | None = Field(None, description="fencing token of the coordinator lease that moved HEAD")
-
-    @field_validator("adapter")
-    @classmethod
-    def _adapter(cls, value: str) -> str:
-        return validate_adapter_version(value)
-
-    @field_validator("data")
-    @classmethod
-    def _data(cls, value: str) -> str:
-        return validate_data_version(value)
 
 
 class AdapterManifest(_Model):

@@ -9,8 +9,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from tenants.errors import InvalidRequestError, UnknownRecordError
-from tenants.models.base import _Model, normalize_subject
-from tenants.paths import validate_request_id, validate_tenant_name
+from tenants.models.base import RequestId, TenantName, _Model, normalize_subject
 
 
 # Set while a stored receipt is read back: its request was checked when it was submitted, so the
@@ -111,24 +110,14 @@ class ErasureRequest(_Model):
     :meth:`resolve` when the selection is by subject).
     """
 
-    request_id: str = Field(description="the client's idempotency key: the same id twice is one erasure")
-    tenant: str = Field(description="tenant whose records are erased")
+    request_id: RequestId = Field(description="the client's idempotency key: the same id twice is one erasure")
+    tenant: TenantName = Field(description="tenant whose records are erased")
     kind: ErasureKind = Field(description="remove | modify_query (new prompts) | correct_response (new responses)")
     records: list[str] | None = Field(None, description="record ids selected (exclusive with subjects)")
     subjects: list[str] | None = Field(None, description="data subjects whose records are all selected")
     replacements: dict[str, Replacement] | None = Field(
         None, description="record id -> new prompt/response; required for modify_query and correct_response"
     )
-
-    @field_validator("request_id")
-    @classmethod
-    def _request_id(cls, value: str) -> str:
-        return validate_request_id(value)
-
-    @field_validator("tenant")
-    @classmethod
-    def _tenant(cls, value: str) -> str:
-        return validate_tenant_name(value)
 
     @field_validator("records", "subjects")
     @classmethod
