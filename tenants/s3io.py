@@ -3,6 +3,11 @@
 Every S3 call of the package goes through :class:`S3IO`, so errors are translated in one place:
 a missing key is ``None``/``NotFound``, a lost condition is ``PreconditionLost``, an unreachable
 endpoint, a missing bucket or refused credentials is a ``StoreError`` that says what to fix.
+
+File uploads use boto3's managed transfer (parts, concurrency, abort on failure). The writes that must
+be conditional stay single ``put_object`` calls (:meth:`S3IO.put_bytes`: claims, commit markers, HEAD,
+receipts, with ``IfNoneMatch``/``IfMatch``, issue 15): s3transfer's ``ALLOWED_UPLOAD_ARGS`` (0.19) accept
+neither. Downloads stay hand-written because they hash the bytes as they stream them.
 """
 
 from __future__ import annotations
@@ -13,13 +18,16 @@ import os
 import tempfile
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
+from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel
+from s3transfer.manager import TransferManager
 
 from tenants.errors import ChecksumMismatchError, StoreError
 from tenants.settings import StoreSettings
@@ -111,9 +119,15 @@ class S3IO:
     # ------------------------------------------------------------ error translation
     def call(self, operation: str, **kwargs: Any) -> Any:
         """``client.<operation>(**kwargs)``; ClientErrors other than bucket/credential ones propagate."""
+        with self._translated(operation):
+            return getattr(self.client, operation)(**kwargs)
+
+    @contextmanager
+    def _translated(self, operation: str) -> Iterator[None]:
+        """Bucket, credential and connection errors of ``operation`` as StoreErrors that say what to fix."""
         where = self.settings.endpoint or "AWS S3"
         try:
-            return getattr(self.client, operation)(**kwargs)
+            yield
         except ClientError as error:
             code, status = error_code(error)
             if code == "NoSuchBucket" and operation != "head_bucket":
@@ -262,39 +276,15 @@ class S3IO:
 
     # ------------------------------------------------------------ files with sha256
     def upload_file(self, key: str, path: Path) -> str:
-        """Upload a local file (multipart past ``multipart_bytes``); returns its sha256 (hex)."""
+        """Upload a local file with boto3's managed transfer (in parts of ``multipart_bytes`` past that
+        size, a failed multipart upload aborted); returns its sha256 (hex)."""
         digest = sha256_file(path)
-        size = path.stat().st_size
-        if size < self.settings.multipart_bytes:
-            with open(path, "rb") as handle:
-                self.call("put_object", Bucket=self.bucket, Key=key, Body=handle)
-            return digest
-        part_size = self.settings.multipart_bytes
-        upload = self.call("create_multipart_upload", Bucket=self.bucket, Key=key)
-        upload_id = upload["UploadId"]
-        try:
-            parts = []
-            with open(path, "rb") as handle:
-                number = 1
-                while chunk := handle.read(part_size):
-                    response = self.call(
-                        "upload_part", Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=chunk
-                    )
-                    parts.append({"PartNumber": number, "ETag": response["ETag"]})
-                    number += 1
-            self.call(
-                "complete_multipart_upload",
-                Bucket=self.bucket,
-                Key=key,
-                UploadId=upload_id,
-                MultipartUpload={"Parts": parts},
-            )
-        except BaseException:
-            try:
-                self.call("abort_multipart_upload", Bucket=self.bucket, Key=key, UploadId=upload_id)
-            except Exception:  # the original error matters more
-                logger.warning("could not abort multipart upload of %s", key)
-            raise
+        part = self.settings.multipart_bytes
+        config = TransferConfig(multipart_threshold=part, multipart_chunksize=part)
+        # the manager calls self.client's put_object/upload_part itself (a wrapping test client sees them)
+        with self._translated("upload_file"):
+            with TransferManager(self.client, config) as manager:
+                manager.upload(str(path), self.bucket, key).result()
         return digest
 
     def download_file(self, key: str, destination: Path, expected_sha256: str | None) -> str:

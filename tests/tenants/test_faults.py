@@ -63,6 +63,21 @@ def test_failure_mid_adapter_upload_leaves_no_version_and_head_unchanged(store, 
     assert store.list_adapter_versions("acme") == [v1, v3] and v3 == "v000003"  # numbers never reused
 
 
+def test_failure_mid_multipart_upload_aborts_it(store, tmp_path):
+    """boto3's managed transfer: a part that fails aborts the multipart upload and surfaces as StoreError."""
+    small_parts = TenantStore(store.settings.model_copy(update={"multipart_bytes": 5 * 1024 * 1024}),
+                              client=store.client)
+    data, v1, _ = onboard(small_parts, tmp_path)
+    broken = faulty_store(small_parts, lambda op, kw: op == "upload_part" and kw.get("PartNumber") == 2)
+    weights = bytes(range(256)) * (11 * 1024 * 1024 // 256)  # ~11 MiB: three parts
+    with pytest.raises(StoreError, match="injected-fault"):
+        broken.publish_adapter("acme", adapter_dir(tmp_path, weights, "big"), AdapterManifest(data_version=data))
+    assert small_parts.list_adapter_versions("acme") == [v1]
+    prefix = small_parts.layout.adapters_root("acme")
+    pending = store.client.list_multipart_uploads(Bucket=store.settings.bucket, Prefix=prefix).get("Uploads", [])
+    assert pending == []
+
+
 def test_crash_before_commit_is_invisible_and_purged_later(store, tmp_path):
     """A writer that dies before eraser.json (and cannot clean up) leaves an uncommitted prefix."""
     data, v1, etag = onboard(store, tmp_path)
