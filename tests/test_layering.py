@@ -17,6 +17,8 @@ FORBIDDEN = {
     "cluster": {"serve", "vllm", "fastapi", "cli", "benchmarks"},
     "serve": {"cli", "eraser"},  # serve reaches the method only through cluster
 }
+# The merged cluster/ and tenants/ copies of this test asked for at least 8 modules.
+MIN_MODULES = {"cluster": 8, "tenants": 8}
 
 
 def imported_top_levels(path: Path) -> set[str]:
@@ -34,7 +36,8 @@ def imported_top_levels(path: Path) -> set[str]:
 def test_package_imports_respect_the_layering(package):
     offenders = {}
     files = sorted((ROOT / package).rglob("*.py"))
-    assert len(files) >= 5, f"{package}/ has only {len(files)} modules: is the path right?"
+    least = MIN_MODULES.get(package, 5)
+    assert len(files) >= least, f"{package}/ has only {len(files)} modules (at least {least}): is the path right?"
     for path in files:
         bad = imported_top_levels(path) & FORBIDDEN[package]
         if bad:
