@@ -1,6 +1,10 @@
 #!/usr/bin/env python3
 """The method on an accelerator in one command, results as JSON (issue 14, item 3).
 
+One file of over 400 lines on purpose: a script carried to the accelerator machine and run there by
+itself (``python3 scripts/device_check.py``), importing nothing of the project but the method, so its
+sections share one model, one set of records and one JSON file rather than helper modules.
+
 What it checks, each a section of the JSON (written after every section, so a run cut short still
 leaves what it measured):
 

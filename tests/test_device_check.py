@@ -3,7 +3,6 @@ section on the CPU and writes the JSON the GPU run will write."""
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import subprocess
@@ -12,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_layering import imported_top_levels
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "device_check.py"
 # The accelerator machine's python3 has torch, transformers, peft, numpy and scipy, not this project's stack.
@@ -19,14 +20,7 @@ ALLOWED = {"eraser", "torch", "transformers", "peft", "numpy", "scipy", "tokeniz
 
 
 def test_the_device_check_imports_only_the_method_and_what_the_accelerator_has():
-    tree = ast.parse(SCRIPT.read_text(encoding="utf-8"))
-    imported = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            imported.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            imported.add(node.module.split(".")[0])
-    outside = {name for name in imported - ALLOWED if name not in sys.stdlib_module_names}
+    outside = {name for name in imported_top_levels(SCRIPT) - ALLOWED if name not in sys.stdlib_module_names}
     assert not outside, f"device_check.py imports {sorted(outside)}, which the accelerator machine lacks"
 
 

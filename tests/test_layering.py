@@ -22,6 +22,8 @@ MIN_MODULES = {"cluster": 8, "tenants": 8}
 
 
 def imported_top_levels(path: Path) -> set[str]:
+    """The top-level packages a module imports absolutely (``import a.b``, ``from a.b import c``: ``a``);
+    also tests/test_device_check.py's check of what the accelerator script imports."""
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     names = set()
     for node in ast.walk(tree):
