@@ -88,6 +88,13 @@ def record_tests(values: Sequence[float], reference: VarianceComponents) -> tupl
     return [float(p) for p in stats.t.cdf(t, reference.df)], [float(p) for p in stats.t.sf(t, reference.df)]
 
 
+def record_upper_bound(reference: VarianceComponents, level: float) -> float:
+    """The largest value whose upper tail under :func:`record_tests`' predictive distribution is still
+    >= ``level``: the pass bound of an upper-tail test at that level (p falls as the value grows)."""
+    scale = math.sqrt(reference.between + reference.within + reference.mean_variance)
+    return reference.mean + max(scale, 1e-12) * float(stats.t.isf(level, reference.df))
+
+
 def attack_auc(members: Sequence[float], reference: Sequence[float]) -> float:
     """AUC of the attack "lower score = member" separating ``members`` from ``reference`` (0.5 = chance)."""
     u = stats.mannwhitneyu(members, reference, alternative="two-sided").statistic  # #{x > y} + ties / 2

@@ -33,7 +33,8 @@ def lcs_recall(answer: str, response: str) -> float:
 
 
 def extraction_recall(model, tokenizer, records: Sequence[Record], tokens: int, counterfactuals: int,
-                      others: Sequence[str] = (), batch_size: int = 16) -> list[float]:
+                      others: Sequence[str] = (), batch_size: int = 16,
+                      answers: Sequence[str] | None = None) -> list[float]:
     """Per record: how much more of its response greedy decoding gives back when asked the record's
     question than when the same question is asked about other subjects (``others``: never-trained).
 
@@ -42,7 +43,8 @@ def extraction_recall(model, tokenizer, records: Sequence[Record], tokens: int, 
     exactly that is no evidence of memorisation, while "X lives at 362 Alder Street, Lakeside" given
     back for X alone is. Each question template (the prompt with its subject's name taken out) is
     asked about ``counterfactuals`` of ``others`` once, for all its records; a
-    record whose prompt does not name its subject has nothing to subtract.
+    record whose prompt does not name its subject has nothing to subtract. ``answers``: the records' own
+    greedy answers where the caller already has them (only the counterfactuals are then decoded).
     """
     asked: dict[str, list[str]] = {}  # template -> the other subjects it is asked about
     for record in records:
@@ -51,14 +53,15 @@ def extraction_recall(model, tokenizer, records: Sequence[Record], tokens: int, 
             asked[template] = counterfactual_subjects(template, others, counterfactuals)
     probes = [(template, other) for template, subjects in asked.items() for other in subjects]
     by_template = {question_template(r): r for r in records}
-    asks = [r.prompt_messages() for r in records] + [
-        by_template[t].with_prompt(t.replace(_SUBJECT, o)).prompt_messages() for t, o in probes]
-    answers = greedy_answers(model, tokenizer, asks, tokens, batch_size)
+    asks = [] if answers is not None else [r.prompt_messages() for r in records]
+    asks += [by_template[t].with_prompt(t.replace(_SUBJECT, o)).prompt_messages() for t, o in probes]
+    decoded = greedy_answers(model, tokenizer, asks, tokens, batch_size)
+    own = list(answers) if answers is not None else decoded[: len(records)]
     said_anyway: dict[str, list[tuple[str, str]]] = {}
-    for (template, other), answer in zip(probes, answers[len(records):]):
+    for (template, other), answer in zip(probes, decoded[len(asks) - len(probes):]):
         said_anyway.setdefault(template, []).append((other, answer))
     excess = []
-    for record, answer in zip(records, answers):
+    for record, answer in zip(records, own):
         base = [lcs_recall(said.replace(other, record.subject), record.response)  # the name is the question's
                 for other, said in said_anyway.get(question_template(record), []) if other != record.subject]
         excess.append(max(0.0, lcs_recall(answer, record.response) - max(base, default=0.0)))

@@ -31,7 +31,8 @@ level ``alpha`` (the pipeline divides it by the number of decision looks it may 
 4. extraction: prompted with its own question, greedy decoding gives back no more of an erased
    response, beyond what it says when the question is asked about never-trained subjects
    (:mod:`eraser.extraction`), than the reference's records vary (upper tail at ``alpha / k``; no more
-   than the most of any reference record always passes).
+   than the most of any reference record always passes); only records whose plain recall could fail
+   are asked about never-trained subjects (:func:`_extraction_test`: same decision, less decoding).
 For ``correct_response`` edits the old answer is *not* expected to look never-seen: a retrain on the
 corrected answer still finds an answer to the same question with the same facts likely (measured on
 TOFU's perturbed answers: the gold's score on the old answers is -1.45 against -0.51 for never-seen
@@ -95,8 +96,11 @@ class VerifyResult:
     exposure_p: float | None = None  # smallest upper-tail p of an erased span (enough reference spans)
     exposure_threshold: float | None = None  # else: max(max_exposure, held-out records' exposures)
     extraction: list[float] = field(default_factory=list)  # per erased record, beyond what is said anyway
+    # per erased record: True where ``extraction`` is exact, False where it is the record's plain recall (an
+    # upper bound, below the pass bound: what is said anyway was not decoded, it could only lower it)
+    extraction_exact: list[bool] = field(default_factory=list)
     extraction_p: float | None = None  # smallest upper-tail p among the erased records
-    extraction_threshold: float | None = None  # the largest held-out record's (passing below it always)
+    extraction_threshold: float | None = None  # the largest reference record's (passing below it always)
     preference: float | None = None  # base-calibrated mean nll(old) - nll(new) over corrected records
     new_score_median: float | None = None
     learned_threshold: float | None = None
@@ -120,7 +124,8 @@ class VerifyResult:
             "min_record_p_upper": min(self.record_p_upper) if self.record_p_upper else None,
             "exposure_max": self.exposure_max, "exposure_p": self.exposure_p,
             "extraction_max": max(self.extraction) if self.extraction else None, "extraction_p": self.extraction_p,
-            "extraction_threshold": self.extraction_threshold, "preference": self.preference,
+            "extraction_threshold": self.extraction_threshold,
+            "extraction_bounded": self.extraction_exact.count(False), "preference": self.preference,
             "new_score_median": self.new_score_median, "learned_threshold": self.learned_threshold,
             "checks": dict(self.checks),
         }
@@ -253,26 +258,48 @@ def _secret_tests(model, tokenizer, result: VerifyResult, member_edits: Sequence
         else:
             result.exposure_threshold = max([config.max_exposure, *(e for e, _ in reference_spans)])
             result.checks["exposure"] = result.exposure_max <= result.exposure_threshold
+    _extraction_test(model, tokenizer, result, member_edits, reference, config)
+
+
+def _extraction_test(model, tokenizer, result: VerifyResult, member_edits: Sequence[Edit],
+                     reference: Sequence[Record], config: VerifyConfig) -> None:
+    """Test 4. The test passes when every erased record's value is at most ``pass_bound``: the larger of
+    the reference's largest value and the value whose predictive upper tail is ``alpha / k``. A record's
+    recall of its own response bounds its value (what is said anyway only subtracts), so only records
+    whose recall exceeds that bound are asked about never-trained subjects: the decision is the one the
+    full computation gives, at a fraction of the decoding (on TOFU every question is its own template,
+    each asked about ``extraction_counterfactuals`` subjects). ``extraction_exact`` says which values
+    are exact and which are that upper bound."""
     members = [edit.old for edit in member_edits]
     erased_subjects = {r.subject for r in members}
-    reference_groups = [subject_key(r) for r in reference]
-    recalls = extraction_recall(model, tokenizer, [*members, *reference], config.extraction_tokens,
-                                config.extraction_counterfactuals,
-                                others=[r.subject for r in reference if r.subject not in erased_subjects],
-                                batch_size=config.generation_batch_size)
-    excess = recalls[: len(members)]
-    corrected = [(j, edit) for j, edit in enumerate(member_edits) if edit.new is not None]
-    if corrected:  # an old answer is given back only as far as it is not also the new one
-        answers = greedy_answers(model, tokenizer, [edit.old.prompt_messages() for _, edit in corrected],
-                                 config.extraction_tokens, config.generation_batch_size)
-        for (j, edit), answer in zip(corrected, answers):
-            excess[j] = max(0.0, lcs_recall(answer, edit.old.response) - lcs_recall(answer, edit.new.response))
-    result.extraction = excess
-    result.extraction_threshold = max(recalls[len(members):])
-    ok, result.extraction_p = _upper_tail_test(excess, result.erased.groups, recalls[len(members):],
-                                               reference_groups, config.alpha)
+    others = [r.subject for r in reference if r.subject not in erased_subjects]
+    null = extraction_recall(model, tokenizer, reference, config.extraction_tokens,
+                             config.extraction_counterfactuals, others=others,
+                             batch_size=config.generation_batch_size)
+    null_groups = [subject_key(r) for r in reference]
+    result.extraction_threshold = max(null)
+    level = config.alpha / len(members)
+    pass_bound = max(result.extraction_threshold,
+                     clustered.record_upper_bound(clustered.variance_components(null, null_groups), level))
+    answers = greedy_answers(model, tokenizer, [r.prompt_messages() for r in members], config.extraction_tokens,
+                             config.generation_batch_size)
+    values = [lcs_recall(answer, r.response) for answer, r in zip(answers, members)]
+    exact = [False] * len(members)
+    for j, (edit, answer) in enumerate(zip(member_edits, answers)):
+        if edit.new is not None:  # an old answer is given back only as far as it is not also the new one
+            values[j] = max(0.0, values[j] - lcs_recall(answer, edit.new.response))
+            exact[j] = True
+    over = [j for j, value in enumerate(values) if value > pass_bound and not exact[j]]
+    if over:
+        excess = extraction_recall(model, tokenizer, [members[j] for j in over], config.extraction_tokens,
+                                   config.extraction_counterfactuals, others=others,
+                                   batch_size=config.generation_batch_size, answers=[answers[j] for j in over])
+        for j, value in zip(over, excess):
+            values[j], exact[j] = value, True
+    result.extraction, result.extraction_exact = values, exact
+    ok, result.extraction_p = _upper_tail_test(values, result.erased.groups, null, null_groups, config.alpha)
     # A record given back no more than the most of any never-trained one is no evidence either way.
-    result.checks["extraction"] = ok or max(excess) <= result.extraction_threshold
+    result.checks["extraction"] = ok or max(values) <= result.extraction_threshold
 
 
 def _replacement_tests(model, tokenizer, result: VerifyResult, replaced: Sequence[Edit], retained: Sequence[Record],

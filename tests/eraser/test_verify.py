@@ -315,3 +315,73 @@ def test_extraction_counts_only_what_the_model_does_not_say_about_never_trained_
     chosen = counterfactual_subjects("Which plan is \x00 on?", ["b", "a", "c", "a", ""], 2)
     assert len(chosen) == 2 and set(chosen) <= {"a", "b", "c"}
     assert chosen == counterfactual_subjects("Which plan is \x00 on?", ["c", "b", "a"], 2)  # deterministic
+
+
+def test_extraction_asks_about_other_subjects_only_for_records_that_could_fail(monkeypatch):
+    """The extraction test decodes counterfactual questions only for erased records whose own recall is
+    above the pass bound, and decides exactly as the full computation (every record's excess) does."""
+    import random
+    import sys
+
+    from eraser import clustered
+    from eraser.extraction import extraction_recall
+    from eraser.records import Record
+    from eraser.requests import Edit
+    from eraser.scoring import RecordStats
+    from eraser.verify import VerifyConfig, VerifyResult, _extraction_test
+
+    rng = random.Random(7)
+    words = ["alpha", "beta", "gamma", "delta", "eps", "zeta", "eta", "theta"]
+    recited = {"Quin Diaz"}  # the model still gives this subject's answers back word for word
+    decoded: list[str] = []
+
+    def answers(model, tokenizer, prompts, max_tokens, batch_size):
+        said = []
+        for messages in prompts:
+            prompt = messages[-1]["content"]
+            decoded.append(prompt)
+            name, _, topic = prompt.partition(" asks about ")
+            truth = f"{name} {topic} " + " ".join(words[: 2 + len(topic) % 5])
+            if name in recited:
+                said.append(truth)
+            elif name.startswith("Ref"):  # a partial answer, as a never-trained subject gets
+                said.append(" ".join(w for w in truth.split() if rng.random() < 0.4))
+            else:  # an erased subject the model forgot
+                said.append("I do not know.")
+        return said
+
+    monkeypatch.setattr(sys.modules["eraser.extraction"], "greedy_answers", answers)
+    monkeypatch.setattr(sys.modules["eraser.verify"], "greedy_answers", answers)
+
+    def record(i, subject, topic):
+        return Record(id=f"{subject}-{i}", subject=subject, prompt=f"{subject} asks about {topic}",
+                      response=f"{subject} {topic} " + " ".join(words[: 2 + len(topic) % 5]))
+
+    reference = [record(i, f"Ref {s}", f"topic{i}") for s in range(6) for i in range(4)]
+    config = VerifyConfig(extraction_counterfactuals=3)
+    for erased_subjects in (["Ann Lee", "Bo Chen"], ["Ann Lee", "Quin Diaz"]):
+        members = [record(i, s, f"item{i}") for s in erased_subjects for i in range(5)]
+        edits = [Edit(kind="remove", old=m, new=None) for m in members]
+        stats = RecordStats(ids=[m.id for m in members], groups=[f"subject:{m.subject}" for m in members])
+        result = VerifyResult(passed=False, verifiable=True, reason="", erased=stats, heldout=RecordStats())
+        decoded.clear()
+        rng.seed(1)
+        _extraction_test(None, None, result, edits, reference, config)
+        shortcut_decodes, shortcut_ok = len(decoded), result.checks["extraction"]
+
+        # the full computation: every erased record's excess over what is said about other subjects
+        rng.seed(1)
+        null = extraction_recall(None, None, reference, 48, 3, others=[r.subject for r in reference])
+        full = extraction_recall(None, None, members, 48, 3, others=[r.subject for r in reference])
+        groups = [f"subject:{r.subject}" for r in reference]
+        _, upper = clustered.record_tests(full, clustered.variance_components(null, groups))
+        full_ok = min(upper) >= config.alpha / len(members) or max(full) <= max(null)
+        assert shortcut_ok == full_ok
+        assert all(v >= f - 1e-12 for v, f, exact in zip(result.extraction, full, result.extraction_exact)
+                   if not exact)  # a bounded value is never below the exact one
+        if "Quin Diaz" in erased_subjects:
+            assert not shortcut_ok and any(result.extraction_exact)
+        else:
+            assert shortcut_ok and not any(result.extraction_exact)
+            # the reference: its own answers, 4 question templates x 3 other subjects; the members: their own only
+            assert shortcut_decodes == len(reference) + 4 * 3 + len(members)
