@@ -108,7 +108,7 @@ class LocalService:
         for client in self.clients:
             await client.aclose()
         for ingress in self.ingresses:
-            await ingress.__del__()
+            ingress.__del__()
         await self.engine.registry.stop()
 
     @property

@@ -28,6 +28,17 @@ async def answer(registry, engine, tenant, tokens=2):
     return completion.text
 
 
+async def hold_old_version(registry, engine, source, tokens=2):
+    """acme on v000001, one request held open on it (the engine's gate closed), then HEAD moved to
+    v000002; returns the held request's task (it finishes once ``engine.gate`` is set)."""
+    await answer(registry, engine, "acme")
+    engine.gate = asyncio.Event()
+    slow = asyncio.create_task(answer(registry, engine, "acme", tokens=tokens))
+    await asyncio.sleep(0.01)  # the slow request holds its lease on v000001
+    source.heads["acme"] = "v000002"
+    return slow
+
+
 def test_first_request_loads_head_lazily_and_once(tmp_path):
     engine, source, registry = make(tmp_path, {"acme": "v000001"})
 
@@ -78,11 +89,7 @@ def test_in_flight_request_finishes_on_its_version_and_old_is_dropped_after(tmp_
     engine, source, registry = make(tmp_path, {"acme": "v000001"})
 
     async def scenario():
-        await answer(registry, engine, "acme")
-        engine.gate = asyncio.Event()
-        slow = asyncio.create_task(answer(registry, engine, "acme", tokens=3))
-        await asyncio.sleep(0.01)  # the slow request holds its lease on v000001
-        source.heads["acme"] = "v000002"
+        slow = await hold_old_version(registry, engine, source, tokens=3)
         event = await registry.refresh("acme", wait_dropped=False)
         assert event.in_flight == 1 and event.dropped_at is None
         assert registry.snapshot()["retired"][0]["version"] == "v000001"
@@ -106,11 +113,7 @@ def test_refresh_waits_for_drain(tmp_path):
     engine, source, registry = make(tmp_path, {"acme": "v000001"})
 
     async def scenario():
-        await answer(registry, engine, "acme")
-        engine.gate = asyncio.Event()
-        slow = asyncio.create_task(answer(registry, engine, "acme"))
-        await asyncio.sleep(0.01)
-        source.heads["acme"] = "v000002"
+        slow = await hold_old_version(registry, engine, source)
         refresh = asyncio.create_task(registry.refresh("acme", wait_dropped=True))
         await asyncio.sleep(0.05)
         assert not refresh.done()  # the old version is still leased
@@ -126,11 +129,7 @@ def test_refresh_timeout_returns_undrained_event(tmp_path):
     engine, source, registry = make(tmp_path, {"acme": "v000001"})
 
     async def scenario():
-        await answer(registry, engine, "acme")
-        engine.gate = asyncio.Event()
-        slow = asyncio.create_task(answer(registry, engine, "acme"))
-        await asyncio.sleep(0.01)
-        source.heads["acme"] = "v000002"
+        slow = await hold_old_version(registry, engine, source)
         event = await registry.refresh("acme", timeout=0.05)
         engine.gate.set()
         await slow

@@ -1,0 +1,196 @@
+"""The OpenAI-compatible routes: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``.
+
+:class:`OpenAIRoutes` is a base class of ``Ingress`` (:mod:`serve.ingress`); Ray Serve binds its
+routes because it walks the deployment class's MRO. A tenant's key reaches one model, the tenant's
+own (its name). A generation is a job for the engine deployment, admitted within the tenant's share
+of this replica, answered whole or streamed as server-sent events (:func:`_sse`), its chunks summed
+into a :class:`~serve.engine.Completion` (:func:`_add`). The bodies' shapes are :mod:`serve.protocol`'s.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from typing import Any, AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from serve import metrics
+from serve.api_errors import ApiError
+from serve.engine import Completion
+from serve.http_app import app
+from serve.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    chat_body,
+    chat_chunk,
+    completion_body,
+    completion_chunk,
+    error_body,
+    new_id,
+    usage_chunk,
+)
+from serve.request_body import parse, read_json
+
+logger = logging.getLogger(__name__)
+
+
+class OpenAIRoutes:
+    """Models, completions and chat completions (a base class of ``Ingress``, after ``IngressAuth``)."""
+
+    @app.get("/v1/models")
+    async def list_models(self, request: Request) -> dict[str, Any]:
+        tenant = await self._tenant_key(request)
+        return {"object": "list", "data": [await self._model_card(tenant)]}
+
+    @app.get("/v1/models/{model}")
+    async def get_model(self, model: str, request: Request) -> dict[str, Any]:
+        tenant = await self._tenant_key(request)
+        self._own_model(tenant, model)
+        return await self._model_card(tenant)
+
+    async def _model_card(self, tenant: str) -> dict[str, Any]:
+        config = await self._store("get_tenant", tenant)
+        return {"id": tenant, "object": "model", "created": int(config.created_at.timestamp()), "owned_by": tenant}
+
+    @staticmethod
+    def _own_model(tenant: str, model: str) -> None:
+        if model != tenant:  # the same answer whether or not the model exists: no tenant enumeration
+            raise ApiError(404, f"The model '{model}' does not exist or you do not have access to it.",
+                           "model_not_found", "model")
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request):
+        started = time.perf_counter()
+        tenant = await self._tenant_key(request)
+        body = parse(CompletionRequest, await read_json(request, self.config.max_body_bytes))
+        self._own_model(tenant, body.model)
+        job = self._job(request, tenant, body, body.max_tokens, prompt=body.prompt_input())
+        return await self._admitted(request, job, body, "completions", started)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        started = time.perf_counter()
+        tenant = await self._tenant_key(request)
+        body = parse(ChatCompletionRequest, await read_json(request, self.config.max_body_bytes))
+        self._own_model(tenant, body.model)
+        job = self._job(request, tenant, body, body.requested_tokens(), messages=body.template_messages())
+        return await self._admitted(request, job, body, "chat", started)
+
+    async def _admitted(self, request: Request, job: dict[str, Any], body, route: str, started: float):
+        """``_respond`` within the tenant's share of this replica: at most ``max_concurrent_per_tenant``
+        generations at once (429 beyond), so one tenant cannot fill the engine queues for all."""
+        tenant, limit = job["tenant"], self.config.max_concurrent_per_tenant
+        running = self._running.get(tenant, 0)
+        if running >= limit:
+            metrics.request_done(tenant, route, 429, time.perf_counter() - started)
+            raise ApiError(429, f"model {tenant!r} has {running} requests running on this replica, its limit; "
+                           "retry later", "tenant_concurrency_limit")
+        self._running[tenant] = running + 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._running[tenant] -= 1
+
+        try:
+            response = await self._respond(request, job, body, route, started, release)
+        except BaseException:
+            release()
+            raise
+        if not isinstance(response, StreamingResponse):
+            release()
+        return response  # a stream releases when it ends (its generator's finally)
+
+    def _job(self, request: Request, tenant: str, body, max_tokens: int | None, **prompt: Any) -> dict[str, Any]:
+        limit = self.config.max_tokens_limit
+        if max_tokens is not None and max_tokens > limit:
+            raise ApiError(400, f"max_tokens {max_tokens} exceeds this service's limit of {limit}", "invalid_request",
+                           "max_tokens")
+        options = body.sampling(max_tokens if max_tokens is not None else limit)
+        request_id = request.headers.get("x-request-id") or new_id("cmpl")
+        return {"tenant": tenant, "request_id": request_id, "options": asdict(options), **prompt}
+
+    async def _respond(self, request: Request, job: dict[str, Any], body, route: str, started: float,
+                       release=lambda: None):
+        tenant, request_id = job["tenant"], job["request_id"]
+        stream = self.engine.options(stream=True).generate.remote(job)
+        try:
+            first = await stream.__anext__()
+        except Exception as error:
+            logger.exception("request_id=%s tenant=%s engine unreachable", request_id, tenant)
+            metrics.request_done(tenant, route, 503, time.perf_counter() - started)
+            raise ApiError(503, "the inference engine is unavailable; retry later", "engine_unavailable") from error
+        if "error" in first:
+            item = first["error"]
+            metrics.request_done(tenant, route, item["status"], time.perf_counter() - started)
+            raise ApiError(item["status"], item["message"], item["code"])
+        headers = {"x-request-id": request_id, "x-eraser-adapter": first["adapter"]}
+        created = int(time.time())
+        if body.stream:
+            events = self._sse_stream(stream, job, body, route, created, started, first["adapter"], release)
+            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+        result = Completion()
+        async for item in stream:
+            if "error" in item:
+                raise ApiError(item["error"]["status"], item["error"]["message"], item["error"]["code"])
+            _add(result, item["chunk"])
+        builder = completion_body if route == "completions" else chat_body
+        metrics.request_done(tenant, route, 200, time.perf_counter() - started)
+        logger.info("request_id=%s tenant=%s route=%s adapter=%s tokens=%d seconds=%.3f", request_id, tenant, route,
+                    first["adapter"], result.completion_tokens, time.perf_counter() - started)
+        return JSONResponse(builder(request_id, body.model, result, created), headers=headers)
+
+    async def _sse_stream(self, stream, job, body, route: str, created: int, started: float,
+                          adapter: str, release=lambda: None) -> AsyncIterator[bytes]:
+        """The stream's chunks as server-sent events, then ``[DONE]``; a client that goes away cancels it."""
+        request_id, model = job["request_id"], body.model
+        result, finished = Completion(), False
+        obj = "text_completion" if route == "completions" else "chat.completion.chunk"
+        try:
+            if route == "chat":
+                yield _sse(chat_chunk(request_id, model, created, {"role": "assistant", "content": ""}, None))
+            async for item in stream:
+                if "error" in item:
+                    yield _sse(error_body(item["error"]["status"], item["error"]["message"], item["error"]["code"]))
+                    break
+                chunk = item["chunk"]
+                _add(result, chunk)
+                reason = chunk["finish_reason"]
+                if chunk["text"] or reason is not None:
+                    if route == "completions":
+                        yield _sse(completion_chunk(request_id, model, created, chunk["text"], reason))
+                    else:
+                        delta = {"content": chunk["text"]} if chunk["text"] else {}
+                        yield _sse(chat_chunk(request_id, model, created, delta, reason))
+            else:
+                if body.include_usage:
+                    yield _sse(usage_chunk(request_id, model, created, obj, result))
+            finished = True
+            yield b"data: [DONE]\n\n"
+        finally:
+            release()
+            if not finished:  # client went away: stop generating
+                stream.cancel()
+            metrics.request_done(job["tenant"], route, 200 if finished else 499, time.perf_counter() - started)
+            logger.info("request_id=%s tenant=%s route=%s stream adapter=%s tokens=%d seconds=%.3f finished=%s",
+                        request_id, job["tenant"], route, adapter, result.completion_tokens,
+                        time.perf_counter() - started, finished)
+
+
+def _sse(data: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+def _add(result: Completion, chunk: dict[str, Any]) -> None:
+    result.text += chunk["text"]
+    result.token_ids.extend(chunk["token_ids"])
+    result.prompt_tokens = chunk["prompt_tokens"]
+    result.completion_tokens = chunk["completion_tokens"]
+    if chunk["finish_reason"] is not None:
+        result.finish_reason = chunk["finish_reason"]
