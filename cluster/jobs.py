@@ -16,14 +16,13 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 from eraser.errors import EraserError
 from eraser.curvature import lora_parameters
 from eraser.influence import InfluenceSystem, Shard, SolveConfig, curvature_mismatch
 from eraser.pipeline import PipelineConfig
 from tenants.errors import TenantError
-from tenants.models import Record, TenantConfig
 from tenants.settings import StoreSettings
 from tenants.store import TenantStore
 
@@ -36,7 +35,6 @@ from cluster.tenant_inputs import (  # noqa: F401  (record_format, train_config:
     retrain_recipe,
     split_records,
     tenant_solve,
-    to_eraser_records,
     train_config,
     with_retrain_note,
 )
@@ -383,51 +381,3 @@ def execute_training(job: TrainingJob, out_dir: Path | None, beat: Callable[...,
         return body
     finally:
         stores.close()
-
-
-# ---------------------------------------------------------------- importing an adapter (validation)
-
-
-def check_import(store_settings: StoreSettings, config: TenantConfig, adapter_dir: Path,
-                 records: Sequence[Record]) -> dict:
-    """What must hold before an adapter trained elsewhere becomes a tenant's, that only the method can
-    tell: the base loads and runs under the method's attention, the adapter loads on it as every erasure
-    job will load it (modules and shapes fit; ``load_adapter`` refuses PEFT features the method does not
-    handle), and the tenant's rendering encodes every record (a chat template that cannot would fail
-    each erasure later instead). One forward pass, on the first record, proves the base runs.
-
-    Raises the store's errors, so every layer can report them: InvalidConfigError for the base model,
-    InvalidAdapterError for the adapter, InvalidRecordsError naming the record. Returns the evidence for
-    the adapter's ``eraser.json``.
-    """
-    from eraser.model import load_adapter, load_base, load_tokenizer
-    from eraser.records import encode, per_record_losses
-    from tenants.errors import InvalidAdapterError, InvalidConfigError, InvalidRecordsError
-
-    base_dir = TenantStore(store_settings).resolve_base_model(config.base_model)
-    try:
-        tokenizer = load_tokenizer(base_dir, record_format(config))
-        base = load_base(base_dir)
-    except (EraserError, OSError, ValueError) as error:
-        raise InvalidConfigError(f"base model {config.base_model!r}: {error}") from None
-    try:
-        model = load_adapter(base, adapter_dir)
-    except Exception as error:  # the adapter is the input here: whatever fails to load it is its fault
-        # (EraserError; or the weights file itself, e.g. safetensors' SafetensorError for a corrupt header)
-        detail = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())  # PEFT: a line a tensor
-        kind = "" if isinstance(error, EraserError) else f"{type(error).__name__}: "
-        raise InvalidAdapterError(f"adapter for base model {config.base_model!r}: {kind}{detail}") from None
-    converted = to_eraser_records(records)
-    for record, mine in zip(records, converted):
-        try:
-            encode(mine, tokenizer)
-        except EraserError as error:
-            raise InvalidRecordsError(f"record {record.id!r}: {error}") from None
-    try:
-        loss = float(per_record_losses(model, converted[:1], tokenizer)[0])
-    except EraserError as error:
-        raise InvalidConfigError(f"base model {config.base_model!r}: {error}") from None
-    parameters = lora_parameters(model)
-    return {"adapter_loads": True, "lora_tensors": len(parameters),
-            "lora_parameters": int(sum(p.numel() for p in parameters)), "records_encoded": len(records),
-            "first_record_loss": loss}

@@ -13,7 +13,11 @@
 - :class:`LocalJobRunner`: the same job functions in this process, world size 1 (unit tests,
   ``--local`` runs).
 
-Both return a :class:`cluster.jobs.JobResult` or raise :class:`JobFailedError`.
+Each returns a :class:`cluster.jobs.JobResult` or raises :class:`JobFailedError`.
+
+One module of about 400 lines because the runners share how a job's files come back (``_collect``,
+``_files_of``, ``_unpack``, ``_resolved``, ``_first_line``) and :func:`make_runner` chooses among
+them: a Ray Train module of its own would import this one and be imported by it.
 """
 
 from __future__ import annotations

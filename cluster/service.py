@@ -23,11 +23,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from tenants.errors import InvalidAdapterError, InvalidConfigError, InvalidRecordsError, TenantError, VersionNotFoundError
 from tenants.models import ErasureRequest, Head, Receipt, Record, TenantConfig
 from tenants.settings import StoreSettings
 from tenants.store import TenantStore, adapter_files
 
+from cluster.adapter_import import check_import, check_import_in_task, import_evidence
 from cluster.config import (
     CALL_TIMEOUT_S,
     NAMESPACE,
@@ -38,7 +38,6 @@ from cluster.config import (
 )
 from cluster.coordinator import ErasureCoordinator, PublishHook
 from cluster.errors import ClusterError
-from cluster.jobs import check_import
 from cluster.runners import JobRunner, make_runner
 
 logger = logging.getLogger(__name__)
@@ -109,7 +108,7 @@ class ErasureService(abc.ABC):
                           switch_hooks=self.has_hooks).start()
 
     def check_import(self, config: TenantConfig, adapter_dir: Path, records: list[Record]) -> dict:
-        """The method's checks of an adapter to import (``cluster.jobs.check_import``), in this process."""
+        """The method's checks of an adapter to import (``cluster.adapter_import.check_import``), in this process."""
         return check_import(self.store_settings, config, adapter_dir, records)
 
     def import_tenant(self, config: TenantConfig, adapter_dir: str | Path, records: Iterable[Record | dict],
@@ -257,38 +256,8 @@ class RayErasureService(ErasureService):
         import ray
 
         files = {name: (Path(adapter_dir) / name).read_bytes() for name in adapter_files(Path(adapter_dir))}
-        task = ray.remote(_check_import_in_task).options(num_cpus=self.runner.cpus_per_worker, max_retries=0)
+        task = ray.remote(check_import_in_task).options(num_cpus=self.runner.cpus_per_worker, max_retries=0)
         body = ray_get(task.remote(self.store_settings, config.model_dump(mode="json"), files,
                                    [r.model_dump(mode="json", exclude_none=True) for r in records]),
                        self.runner.job_timeout_s, f"the import check of tenant {config.name!r}")
-        if body.get("error_type") is not None:
-            raise _IMPORT_ERRORS.get(body["error_type"], ClusterError)(body["error"])
-        return body["evidence"]
-
-
-# The store's errors check_import raises, by name, so a Ray task can return them instead of raising across Ray.
-_IMPORT_ERRORS: dict[str, type[Exception]] = {
-    error.__name__: error for error in (InvalidAdapterError, InvalidConfigError, InvalidRecordsError,
-                                        VersionNotFoundError, TenantError)}
-
-
-def _check_import_in_task(store_settings: StoreSettings, config: dict, files: dict[str, bytes],
-                          records: list[dict]) -> dict:
-    """``cluster.jobs.check_import`` on a Ray worker: the adapter written to a temporary directory, the
-    result or the store's error returned as data."""
-    import shutil
-    import tempfile
-
-    workdir = Path(tempfile.mkdtemp(prefix="eraser-import-"))
-    try:
-        for name, body in files.items():
-            (workdir / name).parent.mkdir(parents=True, exist_ok=True)
-            (workdir / name).write_bytes(body)
-        evidence = check_import(store_settings, TenantConfig.model_validate(config), workdir,
-                                [Record.model_validate(r) for r in records])
-        return {"evidence": evidence, "error_type": None}
-    except TenantError as error:
-        return {"error_type": type(error).__name__ if type(error).__name__ in _IMPORT_ERRORS else "TenantError",
-                "error": str(error)}
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        return import_evidence(body)

@@ -1,4 +1,12 @@
-"""Typed errors of the method. Messages name the field and the value at fault."""
+"""Typed errors of the method. Messages name the field and the value at fault.
+
+``InvalidRecordsError``, ``InvalidRequestError`` and ``UnknownRecordError`` have namesakes in
+``tenants.errors``: the method and the store each refuse their own inputs, and the layering forbids
+``eraser`` and ``tenants`` to import each other (docs/architecture.md#layers), so neither can raise the
+other's class. ``cluster/`` is where the method's refusals meet the store's: a job reports any
+``EraserError`` as a failed result with its message (``cluster/jobs.py``), and the import check turns
+them into the store's errors (``cluster/adapter_import.py``, the one such mapping).
+"""
 
 
 class EraserError(Exception):

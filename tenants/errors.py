@@ -1,4 +1,11 @@
-"""Typed errors of the tenant store. Every message names the tenant, field or key concerned."""
+"""Typed errors of the tenant store. Every message names the tenant, field or key concerned.
+
+``InvalidRecordsError``, ``InvalidRequestError`` and ``UnknownRecordError`` have namesakes in
+``eraser.errors``: the store and the method each refuse their own inputs, and the layering forbids
+``tenants`` and ``eraser`` to import each other (docs/architecture.md#layers), so neither can raise the
+other's class. These are the ones the HTTP and CLI layers report; the method's refusals of an imported
+adapter become these in one place, ``cluster/adapter_import.py``.
+"""
 
 from __future__ import annotations
 
