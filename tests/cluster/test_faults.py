@@ -5,12 +5,13 @@ itself is a fake whose waits never end."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import tempfile
 import threading
 import types
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pytest
 from botocore.exceptions import EndpointConnectionError
@@ -168,28 +169,35 @@ def test_a_resent_head_move_publishes_instead_of_requeueing_and_rejecting(store,
 
 
 # ---------------------------------------------------------------- defect 3: two coordinators, one tenant
+@contextlib.contextmanager
+def held_in_background(coordinator: ErasureCoordinator, runner: FakeRunner) -> Iterator[dict]:
+    """Submit REQUEST and run ``coordinator`` in a thread until its job is held at ``runner``'s gate; the
+    block runs while it is held, and on leaving the gate opens and the thread is joined. Yields the dict
+    that gets ``"reports"``, what ``run_until_idle`` returned."""
+    coordinator.submit(REQUEST)
+    outcome: dict = {}
+    thread = threading.Thread(target=lambda: outcome.setdefault("reports", coordinator.run_until_idle()))
+    thread.start()
+    try:
+        assert runner.entered.wait(30)
+        yield outcome
+    finally:
+        runner.gate.set()
+        thread.join(60)
+
+
 def test_a_second_coordinator_refuses_while_the_first_holds_the_lease(store, tmp_path):
     onboarded(store, tmp_path)
-    gate = threading.Event()
-    first_runner = FakeRunner(tmp_path, gate)
+    first_runner = FakeRunner(tmp_path, threading.Event())
     first = ErasureCoordinator("acme", store, first_runner, OPTIONS)
     second_runner = FakeRunner(tmp_path)
     second = ErasureCoordinator("acme", TenantStore(store.settings), second_runner, OPTIONS)
-    first.submit(REQUEST)
-    outcome: dict = {}
-    thread = threading.Thread(target=lambda: outcome.setdefault("reports", first.run_until_idle()))
-    thread.start()
-    try:
-        assert first_runner.entered.wait(30)
-
+    with held_in_background(first, first_runner) as outcome:
         with pytest.raises(LeaseHeldError, match="acme"):
             second.run_until_idle()
 
         assert second_runner.runs == []  # the first's live job was not re-run
         assert store.get_receipt("acme", "req-1").status == ReceiptStatus.running
-    finally:
-        gate.set()
-        thread.join(60)
     assert [r.status for r in outcome["reports"]] == ["published"]
     receipt = store.get_receipt("acme", "req-1")
     head, _ = store.get_head("acme")
@@ -200,16 +208,10 @@ def test_a_second_coordinator_refuses_while_the_first_holds_the_lease(store, tmp
 
 def test_recovery_takes_over_only_once_the_lease_lapsed_and_the_old_holder_is_fenced(store, tmp_path):
     onboarded(store, tmp_path)
-    gate = threading.Event()
-    stalled_runner = FakeRunner(tmp_path, gate)
+    stalled_runner = FakeRunner(tmp_path, threading.Event())
     short = CoordinatorOptions(purge_grace_seconds=0, warm_curvature=False, lease_ttl_s=1.0, lease_wait_s=10.0)
     stalled = ErasureCoordinator("acme", store, stalled_runner, short)
-    stalled.submit(REQUEST)
-    outcome: dict = {}
-    thread = threading.Thread(target=lambda: outcome.setdefault("reports", stalled.run_until_idle()))
-    thread.start()
-    try:
-        assert stalled_runner.entered.wait(30)
+    with held_in_background(stalled, stalled_runner) as outcome:
         stalled.lease.pause_renewals()  # hung or partitioned: its lease lapses one ttl later
         taker_runner = FakeRunner(tmp_path)
         taker = ErasureCoordinator("acme", TenantStore(store.settings), taker_runner, short)
@@ -217,9 +219,6 @@ def test_recovery_takes_over_only_once_the_lease_lapsed_and_the_old_holder_is_fe
         reports = taker.run_until_idle()  # waits for the lapse, recovers the running request, runs it
 
         assert [r.status for r in reports] == ["published"] and taker_runner.runs == [["req-1"]]
-    finally:
-        gate.set()
-        thread.join(60)
     assert [r.status for r in outcome["reports"]] == ["fenced"]  # the old holder wrote nothing
     receipt = store.get_receipt("acme", "req-1")
     head, _ = store.get_head("acme")
