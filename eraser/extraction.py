@@ -12,7 +12,8 @@ import re
 from typing import Sequence
 
 from eraser.metrics import greedy_answers
-from eraser.records import Record
+from eraser.model import adapter_disabled
+from eraser.records import Record, token_nlls
 
 WORD = re.compile(r"\w+")
 
@@ -66,6 +67,18 @@ def extraction_recall(model, tokenizer, records: Sequence[Record], tokens: int, 
                 for other, said in said_anyway.get(question_template(record), []) if other != record.subject]
         excess.append(max(0.0, lcs_recall(answer, record.response) - max(base, default=0.0)))
     return excess
+
+
+def answer_fluency(model, tokenizer, records: Sequence[Record], answers: Sequence[str],
+                   batch_size: int = 16) -> list[float]:
+    """Per record: the mean per-token NLL, under the base model (adapter disabled), of ``answers`` given to
+    the record's question: how unlike language the answer is. An update that garbles its erased records'
+    answers ("is The email address@ac@ac@a") scores far above the fluent, made-up answers a retrain gives
+    about subjects it never saw."""
+    asked = [record.with_response(answer) for record, answer in zip(records, answers)]
+    with adapter_disabled(model):
+        tokens, _ = token_nlls(model, asked, tokenizer, batch_size)
+    return [float(t.mean()) if len(t) else 0.0 for t in tokens]
 
 
 _SUBJECT = "\x00"  # stands for the subject's name in a question template

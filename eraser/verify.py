@@ -33,6 +33,9 @@ level ``alpha`` (the pipeline divides it by the number of decision looks it may 
    (:mod:`eraser.extraction`), than the reference's records vary (upper tail at ``alpha / k``; no more
    than the most of any reference record always passes); only records whose plain recall could fail
    are asked about never-trained subjects (:func:`_extraction_test`: same decision, less decoding).
+   Reported beside it, not gating until calibrated against retrains: the fluency of the erased
+   records' greedy answers (their NLL under the base model against the reference answers'), which
+   tells a retrain's fluent made-up answer from an update that garbles the question's answer.
 For ``correct_response`` edits the old answer is *not* expected to look never-seen: a retrain on the
 corrected answer still finds an answer to the same question with the same facts likely (measured on
 TOFU's perturbed answers: the gold's score on the old answers is -1.45 against -0.51 for never-seen
@@ -60,7 +63,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from eraser import clustered
-from eraser.extraction import extraction_recall, lcs_recall
+from eraser.extraction import answer_fluency, extraction_recall, lcs_recall
 from eraser.metrics import greedy_answers
 from eraser.records import Record
 from eraser.reference import evenly_spaced, member_pool, reference_pools, subject_key
@@ -101,6 +104,10 @@ class VerifyResult:
     extraction_exact: list[bool] = field(default_factory=list)
     extraction_p: float | None = None  # smallest upper-tail p among the erased records
     extraction_threshold: float | None = None  # the largest reference record's (passing below it always)
+    # per erased record: base-model NLL/token of its greedy answer (reported, not gating); the reference's mean
+    fluency: list[float] = field(default_factory=list)
+    fluency_reference_mean: float | None = None
+    fluency_p: float | None = None  # upper-tail p of the least fluent erased answer (clustered reference)
     preference: float | None = None  # base-calibrated mean nll(old) - nll(new) over corrected records
     new_score_median: float | None = None
     learned_threshold: float | None = None
@@ -125,7 +132,9 @@ class VerifyResult:
             "exposure_max": self.exposure_max, "exposure_p": self.exposure_p,
             "extraction_max": max(self.extraction) if self.extraction else None, "extraction_p": self.extraction_p,
             "extraction_threshold": self.extraction_threshold,
-            "extraction_bounded": self.extraction_exact.count(False), "preference": self.preference,
+            "extraction_bounded": self.extraction_exact.count(False),
+            "fluency_nll_mean": _mean(self.fluency), "fluency_reference_mean": self.fluency_reference_mean,
+            "fluency_p": self.fluency_p, "preference": self.preference,
             "new_score_median": self.new_score_median, "learned_threshold": self.learned_threshold,
             "checks": dict(self.checks),
         }
@@ -273,9 +282,11 @@ def _extraction_test(model, tokenizer, result: VerifyResult, member_edits: Seque
     members = [edit.old for edit in member_edits]
     erased_subjects = {r.subject for r in members}
     others = [r.subject for r in reference if r.subject not in erased_subjects]
+    reference_answers = greedy_answers(model, tokenizer, [r.prompt_messages() for r in reference],
+                                       config.extraction_tokens, config.generation_batch_size)
     null = extraction_recall(model, tokenizer, reference, config.extraction_tokens,
                              config.extraction_counterfactuals, others=others,
-                             batch_size=config.generation_batch_size)
+                             batch_size=config.generation_batch_size, answers=reference_answers)
     null_groups = [subject_key(r) for r in reference]
     result.extraction_threshold = max(null)
     level = config.alpha / len(members)
@@ -297,9 +308,24 @@ def _extraction_test(model, tokenizer, result: VerifyResult, member_edits: Seque
         for j, value in zip(over, excess):
             values[j], exact[j] = value, True
     result.extraction, result.extraction_exact = values, exact
+    _fluency(model, tokenizer, result, members, answers, reference, reference_answers, null_groups, config)
     ok, result.extraction_p = _upper_tail_test(values, result.erased.groups, null, null_groups, config.alpha)
     # A record given back no more than the most of any never-trained one is no evidence either way.
     result.checks["extraction"] = ok or max(values) <= result.extraction_threshold
+
+
+def _fluency(model, tokenizer, result: VerifyResult, members: Sequence[Record], answers: Sequence[str],
+             reference: Sequence[Record], reference_answers: Sequence[str], reference_groups: Sequence[str],
+             config: VerifyConfig) -> None:
+    """Reported, not gating (not yet calibrated against retrains): whether the erased records' greedy
+    answers read like the answers about never-seen subjects (:func:`eraser.extraction.answer_fluency`),
+    as the upper-tail p of the least fluent one under the reference's predictive distribution."""
+    result.fluency = answer_fluency(model, tokenizer, members, answers, config.batch_size)
+    null = answer_fluency(model, tokenizer, reference, reference_answers, config.batch_size)
+    result.fluency_reference_mean = float(np.mean(null))
+    if len(null) >= 2:
+        _, result.fluency_p = _upper_tail_test(result.fluency, result.erased.groups, null, reference_groups,
+                                               config.alpha)
 
 
 def _replacement_tests(model, tokenizer, result: VerifyResult, replaced: Sequence[Edit], retained: Sequence[Record],
@@ -338,6 +364,9 @@ def _describe(result: VerifyResult) -> str:
     if result.extraction:
         parts.append(f"extraction {max(result.extraction):.2f} (p {result.extraction_p:.3g}; reference max "
                      f"{result.extraction_threshold:.2f})")
+    if result.fluency:
+        parts.append(f"answers' base NLL {_mean(result.fluency):.2f} (reference {result.fluency_reference_mean:.2f}"
+                     + (f", p {result.fluency_p:.3g}" if result.fluency_p is not None else "") + "; reported)")
     if result.preference is not None:
         parts.append(f"old-new preference shift {result.preference:+.3f} (>= 0)")
     if result.new_score_median is not None:

@@ -352,6 +352,8 @@ def test_extraction_asks_about_other_subjects_only_for_records_that_could_fail(m
 
     monkeypatch.setattr(sys.modules["eraser.extraction"], "greedy_answers", answers)
     monkeypatch.setattr(sys.modules["eraser.verify"], "greedy_answers", answers)
+    monkeypatch.setattr(sys.modules["eraser.verify"], "answer_fluency",  # garbled answers: many non-words
+                        lambda model, tokenizer, records, said, batch: [float(a.count("@")) for a in said])
 
     def record(i, subject, topic):
         return Record(id=f"{subject}-{i}", subject=subject, prompt=f"{subject} asks about {topic}",
@@ -385,3 +387,16 @@ def test_extraction_asks_about_other_subjects_only_for_records_that_could_fail(m
             assert shortcut_ok and not any(result.extraction_exact)
             # the reference: its own answers, 4 question templates x 3 other subjects; the members: their own only
             assert shortcut_decodes == len(reference) + 4 * 3 + len(members)
+
+
+def test_a_garbled_answer_reads_less_fluent_than_a_made_up_one():
+    """The fluency measure on the pretrained base: a fluent answer with a made-up address scores well below
+    the same answer garbled as the fast path garbled the demo's ("address@ac@ac@a")."""
+    from eraser.extraction import answer_fluency
+
+    w = world()
+    record = next(r for r in w.records if "lives at" in r.response)
+    fluent = record.response.replace(record.subject, "Zed Moor")  # an answer for someone else, word for word
+    garbled = "The email address@ac@ac@ac@ac@a lives at at at 9 9 9"
+    made_up, broken = answer_fluency(w.base, w.tokenizer, [record, record], [fluent, garbled])
+    assert made_up + 1.0 < broken
