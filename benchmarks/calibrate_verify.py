@@ -51,6 +51,10 @@ def _row(population: str, request: str, seed: int, adapter: str, result, expecte
     return {"population": population, "request": request, "seed": seed, "adapter": adapter,
             "expected": "pass" if expected_pass else "fail", "passed": result.passed, "failed_checks": failed,
             "group_p": result.group_p, "auc": result.group_auc,
+            # the reported fluency test (eraser.verify._fluency): would it have failed this adapter?
+            "fluency_ok": result.fluency_ok, "fluency_p": result.fluency_p,
+            "fluency_nll_mean": sum(result.fluency) / len(result.fluency) if result.fluency else None,
+            "fluency_reference_mean": result.fluency_reference_mean,
             "erased_score_mean": sum(result.erased.score) / len(result.erased.score) if result.erased.score else None,
             "reference_score_mean": (sum(result.heldout.score) / len(result.heldout.score)
                                      if result.heldout.score else None),
@@ -160,17 +164,21 @@ def rates(rows: list[dict]) -> list[dict]:
                 "population": population, "kind": kind,
                 "gold_trials": len(golds), "gold_failures": sum(not r["passed"] for r in golds),
                 "original_trials": len(originals), "original_caught": sum(not r["passed"] for r in originals),
+                "gold_fluency_flags": sum(r.get("fluency_ok") is False for r in golds),
+                "original_fluency_flags": sum(r.get("fluency_ok") is False for r in originals),
             })
     return table
 
 
 def print_tables(rows: list[dict], summary: list[dict]) -> None:
-    print("| population | kind | golds rejected (false failures) | originals caught (power) |")
-    print("|---|---|---|---|")
+    print("| population | kind | golds rejected (false failures) | originals caught (power) "
+          "| fluency flags, golds / originals (reported) |")
+    print("|---|---|---|---|---|")
     for s in summary:
         gold = f"{s['gold_failures']} / {s['gold_trials']} ({s['gold_failures'] / max(1, s['gold_trials']):.0%})"
         orig = f"{s['original_caught']} / {s['original_trials']} ({s['original_caught'] / max(1, s['original_trials']):.0%})"
-        print(f"| {s['population']} | {s['kind']} | {gold} | {orig} |")
+        flags = f"{s.get('gold_fluency_flags', '-')} / {s.get('original_fluency_flags', '-')}"
+        print(f"| {s['population']} | {s['kind']} | {gold} | {orig} | {flags} |")
     print()
     print("| population | request | seed | adapter | passed | failed checks | group p | AUC |")
     print("|---|---|---|---|---|---|---|---|")

@@ -108,6 +108,7 @@ class VerifyResult:
     fluency: list[float] = field(default_factory=list)
     fluency_reference_mean: float | None = None
     fluency_p: float | None = None  # upper-tail p of the least fluent erased answer (clustered reference)
+    fluency_ok: bool | None = None  # what a gating fluency test at alpha / k would say (not in ``checks``)
     preference: float | None = None  # base-calibrated mean nll(old) - nll(new) over corrected records
     new_score_median: float | None = None
     learned_threshold: float | None = None
@@ -134,7 +135,7 @@ class VerifyResult:
             "extraction_threshold": self.extraction_threshold,
             "extraction_bounded": self.extraction_exact.count(False),
             "fluency_nll_mean": _mean(self.fluency), "fluency_reference_mean": self.fluency_reference_mean,
-            "fluency_p": self.fluency_p, "preference": self.preference,
+            "fluency_p": self.fluency_p, "fluency_ok": self.fluency_ok, "preference": self.preference,
             "new_score_median": self.new_score_median, "learned_threshold": self.learned_threshold,
             "checks": dict(self.checks),
         }
@@ -324,8 +325,8 @@ def _fluency(model, tokenizer, result: VerifyResult, members: Sequence[Record], 
     null = answer_fluency(model, tokenizer, reference, reference_answers, config.batch_size)
     result.fluency_reference_mean = float(np.mean(null))
     if len(null) >= 2:
-        _, result.fluency_p = _upper_tail_test(result.fluency, result.erased.groups, null, reference_groups,
-                                               config.alpha)
+        result.fluency_ok, result.fluency_p = _upper_tail_test(result.fluency, result.erased.groups, null,
+                                                               reference_groups, config.alpha)
 
 
 def _replacement_tests(model, tokenizer, result: VerifyResult, replaced: Sequence[Edit], retained: Sequence[Record],
