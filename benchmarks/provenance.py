@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata as metadata
-import math
 import os
 import platform
 import subprocess
 from pathlib import Path
 from typing import Any, Mapping
+
+from eraser.update import json_safe as _json_safe
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("torch", "transformers", "peft", "numpy", "scipy", "rouge-score", "matplotlib")
@@ -47,18 +48,8 @@ def machine() -> dict:
 
 
 def json_safe(value):
-    """``value`` as strict JSON takes it: non-finite floats -> None, numpy scalars -> Python, tensors -> None."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if hasattr(value, "item") and getattr(value, "ndim", None) == 0 and type(value).__module__ == "numpy":
-        return json_safe(value.item())
-    if type(value).__module__.startswith("torch"):
-        return None
-    return value
+    """``value`` as strict JSON takes it (:func:`eraser.update.json_safe`), tensors dropped."""
+    return _json_safe(value, drop_tensors=True)
 
 
 def options_from_args(options_type: type, presets: Mapping[str, Mapping[str, Any]], args: argparse.Namespace,

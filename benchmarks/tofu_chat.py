@@ -184,13 +184,11 @@ class Runner:
     # -- setup ----------------------------------------------------------------------------------
     def ensure_base(self, rows) -> tuple[Path, dict]:
         """The pretrained Qwen2 base with its ChatML tokenizer (HF directory), cached by its recipe."""
-        import torch
-
         from eraser.bases import build_base, chatml_tokenizer
         from eraser.training import pretrain_base
 
         from benchmarks.tofu_data import pretraining_authors, rows_of
-        from benchmarks.tofu_setup import save_base_atomically
+        from benchmarks.tofu_setup import save_pretrained_base
 
         o = self.options
         out = Path(o.cache_dir) / f"base-{_digest(o.base_recipe())}"
@@ -220,15 +218,9 @@ class Runner:
 
         report = pretrain_base(model, tokenizer, texts, steps=o.pretrain_steps, lr=o.pretrain_lr,
                                batch_size=o.pretrain_batch, seed=o.seed, progress=progress)
-        info = {"recipe": o.base_recipe(), "texts": len(texts), "parameters": sum(p.numel() for p in model.parameters()),
-                "pretrain_loss_first": report.loss_history[0], "pretrain_final_loss": report.final_loss,
-                "wall_time_s": time.perf_counter() - started, "cpu_time_s": time.process_time() - cpu_started,
-                "threads": torch.get_num_threads(), "created_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        save_base_atomically(model, tokenizer, out, info)
-        logger.info("pretrained base %s: loss %.3f -> %.3f in %.0fs", out.name, report.loss_history[0],
-                    report.final_loss, info["wall_time_s"])
-        info["cached"] = False
-        return out, info
+        return save_pretrained_base(model, tokenizer, out, report, started, cpu_started,
+                                    {"recipe": o.base_recipe(), "texts": len(texts),
+                                     "parameters": sum(p.numel() for p in model.parameters())})
 
     def tenant(self, rows) -> Tenant:
         from eraser.records import Record

@@ -69,9 +69,16 @@ def ensure_base(recipe: BaseRecipe, rows: Sequence[TofuRow], cache_dir: Path, fr
     model = build_base_model(recipe.model, tokenizer, seed=recipe.seed)
     report = pretrain_base(model, tokenizer, texts, steps=recipe.pretrain_steps, lr=recipe.pretrain_lr,
                            batch_size=recipe.pretrain_batch, seed=recipe.seed)
-    info = {"recipe": asdict(recipe), "texts": len(texts), "pretrain_final_loss": report.final_loss,
-            "pretrain_loss_first": report.loss_history[0], "wall_time_s": time.perf_counter() - started,
-            "cpu_time_s": time.process_time() - cpu_started,
+    return save_pretrained_base(model, tokenizer, out, report, started, cpu_started,
+                                {"recipe": asdict(recipe), "texts": len(texts)})
+
+
+def save_pretrained_base(model, tokenizer, out: Path, report, started: float, cpu_started: float,
+                         info: dict) -> tuple[Path, dict]:
+    """Save a base just pretrained (``report``; ``started``/``cpu_started``: wall and process clocks when
+    its build began) with ``info`` plus its losses and times, and say so: ``(out, info)``."""
+    info = {**info, "pretrain_loss_first": report.loss_history[0], "pretrain_final_loss": report.final_loss,
+            "wall_time_s": time.perf_counter() - started, "cpu_time_s": time.process_time() - cpu_started,
             "threads": torch.get_num_threads(), "created_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     save_base_atomically(model, tokenizer, out, info)
     logger.info("pretrained base %s: loss %.3f -> %.3f in %.0fs", out.name, report.loss_history[0],

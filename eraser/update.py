@@ -51,13 +51,19 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _json_safe(value):
+def json_safe(value, drop_tensors: bool = False):
+    """``value`` as strict JSON takes it: non-finite floats -> None, numpy scalars -> Python numbers, and with
+    ``drop_tensors`` torch objects -> None (else ``json.dumps``' ``default`` sees them)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v, drop_tensors) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v, drop_tensors) for v in value]
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0 and type(value).__module__ == "numpy":
+        return json_safe(value.item(), drop_tensors)
+    if drop_tensors and type(value).__module__.startswith("torch"):
+        return None
     return value
 
 
@@ -80,7 +86,7 @@ def save_adapter(model, out_dir: str | Path, manifest: dict | None = None) -> Pa
         "files": files,
         **(manifest or {}),
     }
-    (out / MANIFEST_NAME).write_text(json.dumps(_json_safe(body), indent=2, default=str))
+    (out / MANIFEST_NAME).write_text(json.dumps(json_safe(body), indent=2, default=str))
     return out
 
 
