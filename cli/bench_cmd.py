@@ -7,8 +7,7 @@ import argparse
 
 def register(subparsers) -> None:
     bench = subparsers.add_parser("bench", help="benchmarks (TOFU: fidelity to retraining, speed-up)")
-    suites = bench.add_subparsers(dest="suite", metavar="SUITE")
-    suites.required = True
+    suites = bench.add_subparsers(dest="suite", metavar="SUITE", required=True)
     tofu = suites.add_parser(
         "tofu",
         help="erase/correct TOFU authors from a LoRA adapter and compare every method with retraining",

@@ -1,4 +1,4 @@
-"""`eraser demo`: the whole product on embedded defaults (see cli/demo.py for the steps)."""
+"""`eraser demo`: the whole product on embedded defaults (see cli/demo/ for the steps)."""
 
 from __future__ import annotations
 

@@ -180,10 +180,7 @@ def run_erase(args: argparse.Namespace) -> int:
                                  config=pipeline, base_factory=lambda: load_base(args.base, dtype, device),
                                  progress=bar)
     summary = outcome.summary()
-    manifest = {
-        "version": None,
-        "parent_version": parent.get("version"),
-        "request_ids": [r.request_id for r in requests],
+    write_erased_adapter(args, model, tokenizer, parent, requests, {
         "records_affected": outcome.records_affected,
         "path": outcome.path,
         "verified": outcome.verified,
@@ -200,12 +197,7 @@ def run_erase(args: argparse.Namespace) -> int:
         "damping_search": summary["damping_search"],
         "stages": outcome.stages,
         "pipeline": pipeline.to_dict(),
-        "format": format_manifest(tokenizer),
-        "precision": precision_manifest(args),
-    }
-    if parent.get("recipe"):
-        manifest["recipe"] = parent["recipe"]
-    write_adapter(model, args.out, manifest)
+    })
     print_outcome(outcome, args.out)
     return 0
 
@@ -219,10 +211,7 @@ def run_influence_only(args, model, tokenizer, train, heldout, requests, config,
     requests_train, touched = restrict_requests(requests, train, heldout)
     with residual_bar(f"{config.solver} solve", total=config.max_iters) as bar:
         result = erase(model, tokenizer, train, requests_train, config, progress=bar)
-    manifest = {
-        "version": None,
-        "parent_version": parent.get("version"),
-        "request_ids": [r.request_id for r in requests],
+    write_erased_adapter(args, model, tokenizer, parent, requests, {
         "records_affected": [edit.old.id for edit in result.edits],
         "solver": {**result.report.to_dict(), "config": config.to_dict()},
         "checks": result.checks,
@@ -231,15 +220,22 @@ def run_influence_only(args, model, tokenizer, train, heldout, requests, config,
         "verified": False,
         "verification": "skipped (--no-verify)",
         "heldout": {**heldout_info, "affected": touched},
-        "format": format_manifest(tokenizer),
-        "precision": precision_manifest(args),
-    }
-    if parent.get("recipe"):
-        manifest["recipe"] = parent["recipe"]
-    write_adapter(model, args.out, manifest)
+    })
     print_summary(result, args.out)
     print("verified    NO (--no-verify): no membership test was run")
     return 0
+
+
+def write_erased_adapter(args: argparse.Namespace, model, tokenizer, parent: dict, requests, fields: dict) -> None:
+    """Write ``--out`` with its eraser.json: the lineage (the parent version, the requests), ``fields`` (what
+    this erasure did and how it was checked), the rendering and precision, and the parent's training recipe
+    (what a later retrain fallback needs)."""
+    manifest = {"version": None, "parent_version": parent.get("version"),
+                "request_ids": [r.request_id for r in requests], **fields,
+                "format": format_manifest(tokenizer), "precision": precision_manifest(args)}
+    if parent.get("recipe"):
+        manifest["recipe"] = parent["recipe"]
+    write_adapter(model, args.out, manifest)
 
 
 def write_adapter(model, out: Path, manifest: dict) -> None:

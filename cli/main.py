@@ -34,8 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Verified machine unlearning for tenant LoRA adapters (LLMEraser influence updates).",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    subparsers.required = True
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         try:
             module = importlib.import_module(name)

@@ -8,8 +8,7 @@ from pathlib import Path
 
 def register(subparsers) -> None:
     model = subparsers.add_parser("model", help="build the small local base model")
-    actions = model.add_subparsers(dest="action", metavar="ACTION")
-    actions.required = True
+    actions = model.add_subparsers(dest="action", metavar="ACTION", required=True)
     init = actions.add_parser(
         "init",
         help="train a tokenizer on a corpus, build a Llama base (head_dim 32), optionally pretrain it",

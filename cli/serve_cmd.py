@@ -15,6 +15,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from cli.store_args import add_data_dir_argument, open_cli_store, serve_store_args
+
 BACKENDS = {
     "cluster": "serve.backend:cluster_backend",
     "local": "serve.backend:local_cluster_backend",
@@ -34,7 +36,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--model", help="base model: a model name in the store or a local HF directory")
     parser.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
-    parser.add_argument("--data-dir", type=Path, help="embedded store directory (default $ERASER_HOME or ./.eraser)")
+    add_data_dir_argument(parser)
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     parser.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: this machine's)")
     parser.add_argument("--engine-replicas", type=int, help="vLLM engine replicas (default 1)")
@@ -85,18 +87,11 @@ def run_serve(args: argparse.Namespace) -> int:
     from ray import serve
 
     from serve.app import build_app
-    from tenants.embedded import open_store
     from tenants.keys import ADMIN_KEY_ENV
 
-    with open_store(data_dir=args.data_dir) as store:
+    with open_cli_store(args) as store:
         settings = store.settings
-        store_args: dict[str, Any] = {"endpoint": settings.endpoint, "bucket": settings.bucket,
-                                      "prefix": settings.prefix, "region": settings.region}
-        if settings.access_key:
-            store_args["access_key"] = settings.access_key
-        if settings.secret_key is not None:
-            store_args["secret_key"] = settings.secret_key.get_secret_value()
-        config = config_from_args(args, store_args)
+        config = config_from_args(args, serve_store_args(settings))
         admin_key = None if os.environ.get(ADMIN_KEY_ENV) else store.ensure_admin_key()
 
         address = args.address or os.environ.get("RAY_ADDRESS")

@@ -9,9 +9,7 @@ are the chat-form support tenant of ``cli.synthetic`` (a system message, a quest
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,31 +17,24 @@ import torch
 from cli.main import main
 from cli.synthetic import customer_records
 from eraser.bases import ARCHITECTURES, CHATML_GENERATION_TEMPLATE, chatml_tokenizer
-from tests.cli.test_tenants_import import split
+from tests.cli.test_tenants_import import one_torch_thread, split, write_jsonl
 from tests.eraser.test_architectures import SUBSETS, save_base, train_peft_adapter
 
 pytestmark = pytest.mark.slow
 logger = logging.getLogger(__name__)
 
 
-def write_jsonl(path: Path, records) -> Path:
-    path.write_text("".join(json.dumps(r.to_json()) + "\n" for r in records))
-    return path
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # two shared cores
-    root = tmp_path_factory.mktemp("architectures-import")
-    records = customer_records(10, 4, seed=5, id_prefix="acme", chat=True)
-    tokenizer = chatml_tokenizer([content for r in records for _, content in r.messages()], vocab_size=320,
-                                 chat_template=CHATML_GENERATION_TEMPLATE)
-    train, reference = split(records)
-    yield {"root": root, "tokenizer": tokenizer, "train": train, "reference": reference,
-           "train_file": write_jsonl(root / "train.jsonl", train),
-           "reference_file": write_jsonl(root / "reference.jsonl", reference)}
-    torch.set_num_threads(previous)
+    with one_torch_thread():
+        root = tmp_path_factory.mktemp("architectures-import")
+        records = customer_records(10, 4, seed=5, id_prefix="acme", chat=True)
+        tokenizer = chatml_tokenizer([content for r in records for _, content in r.messages()], vocab_size=320,
+                                     chat_template=CHATML_GENERATION_TEMPLATE)
+        train, reference = split(records)
+        yield {"root": root, "tokenizer": tokenizer, "train": train, "reference": reference,
+               "train_file": write_jsonl(root / "train.jsonl", [r.to_json() for r in train]),
+               "reference_file": write_jsonl(root / "reference.jsonl", [r.to_json() for r in reference])}
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)

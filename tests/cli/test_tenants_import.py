@@ -4,9 +4,9 @@ split by the flag, its recipe) and an erasure on it through the coordinator."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
-import uuid
 from dataclasses import replace
 from pathlib import Path
 
@@ -78,6 +78,17 @@ def other_base(out: Path) -> Path:
     return save_base_model(build_base_model(config, tokenizer, seed=0), tokenizer, out)
 
 
+@contextlib.contextmanager
+def one_torch_thread():
+    """Torch on one thread while a module's world is built and its tests run (two shared cores)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def write_jsonl(path: Path, records: list[Record] | list[dict]) -> Path:
     lines = [r.model_dump_json(exclude_none=True) if isinstance(r, Record) else json.dumps(r) for r in records]
     path.write_text("".join(line + "\n" for line in lines))
@@ -86,20 +97,18 @@ def write_jsonl(path: Path, records: list[Record] | list[dict]) -> Path:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # two shared cores
-    root = tmp_path_factory.mktemp("import-cli")
-    base = build_base(root / "base")
-    train, reference = split(chat_records())
-    files = {
-        "base": base, "train_file": write_jsonl(root / "train.jsonl", train),
-        "reference_file": write_jsonl(root / "reference.jsonl", reference),
-        "adapter": peft_adapter(base, train, root / "adapter"),
-        "dora": peft_adapter(base, train, root / "dora", steps=1, use_dora=True),
-        "foreign": peft_adapter(other_base(root / "other-base"), train, root / "foreign", steps=1),
-    }
-    yield {"root": root, "train": train, "reference": reference, **files}
-    torch.set_num_threads(previous)
+    with one_torch_thread():
+        root = tmp_path_factory.mktemp("import-cli")
+        base = build_base(root / "base")
+        train, reference = split(chat_records())
+        files = {
+            "base": base, "train_file": write_jsonl(root / "train.jsonl", train),
+            "reference_file": write_jsonl(root / "reference.jsonl", reference),
+            "adapter": peft_adapter(base, train, root / "adapter"),
+            "dora": peft_adapter(base, train, root / "dora", steps=1, use_dora=True),
+            "foreign": peft_adapter(other_base(root / "other-base"), train, root / "foreign", steps=1),
+        }
+        yield {"root": root, "train": train, "reference": reference, **files}
 
 
 @pytest.fixture
