@@ -110,6 +110,31 @@ def test_the_steering_half_steers_and_the_deciding_half_decides(monkeypatch):
         assert subjects(seen["steering"]).isdisjoint(subjects(deciding))
 
 
+def test_a_remediation_that_took_no_step_gets_no_second_look(monkeypatch):
+    """When the steering half passes the candidate the deciding half rejected, remediation stops at step 0
+    with the same weights: judging them again on the deciding half cannot change the verdict, so the
+    retrain follows at once."""
+    import eraser.pipeline as pipeline
+    from eraser.remediate import RemediationReport
+
+    looks: list = []
+    real_verify = pipeline.verify
+
+    def rejecting_influence(*args, **kwargs):
+        result: VerifyResult = real_verify(*args, **kwargs)
+        looks.append(result)
+        if len(looks) == 1:  # the influence candidate
+            result.passed, result.reason = False, "still distinguishable (forced by the test)"
+        return result
+
+    monkeypatch.setattr(pipeline, "verify", rejecting_influence)
+    monkeypatch.setattr(pipeline, "remediate", lambda *a, **k: RemediationReport(passed=True, steps=0,
+                                                                               stopped_by="passed"))
+    outcome = run(trained(LIGHT), [request("remove", (erased_subject(),))], recipe=LIGHT)
+    assert outcome.path == "retrain"
+    assert len(looks) == 2  # the influence candidate, then the retrain (reported); no second look between
+
+
 def test_the_exact_retrain_is_published_even_when_the_test_rejects_it(monkeypatch):
     """A retrain is the target the estimate stands in for: a failing test can only be a false failure."""
     import eraser.pipeline as pipeline
