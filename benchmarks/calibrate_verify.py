@@ -103,22 +103,16 @@ def run_tofu(args) -> list[dict]:
 def run_memorised(args) -> list[dict]:
     """Customer tenants trained for 40 epochs (the recipe that recites account numbers): the original
     must fail, the retrain without the customer must pass."""
-    from cli.synthetic import customer_records, generic_corpus
+    from cli.synthetic import customer_base, customer_records
     from eraser.erase import retained_sample
-    from eraser.model import BaseModelConfig, build_base_model, train_tokenizer
     from eraser.pipeline import PipelineConfig, ReferenceHalves, restrict_requests
     from eraser.reference import split_heldout
     from eraser.requests import EditRequest, apply_edits, merge_edits
-    from eraser.training import TrainConfig, add_lora, pretrain_base, train_lora
+    from eraser.training import TrainConfig, add_lora, train_lora
     from eraser.verify import verify
 
     records = customer_records(args.customers, 5, seed=7)
-    corpus = generic_corpus(records, documents=300)
-    tokenizer = train_tokenizer(corpus, vocab_size=320)
-    config = BaseModelConfig(vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
-                             num_attention_heads=4, num_key_value_heads=4)
-    base = build_base_model(config, tokenizer, seed=0)
-    pretrain_base(base, tokenizer, corpus, steps=300, seed=0)
+    base, tokenizer = customer_base(records)
     train, heldout = split_heldout(records, 0.3, seed=0)
     pipeline = PipelineConfig()
     decide = replace(pipeline.verify, alpha=pipeline.verify.alpha / pipeline.decision_looks)

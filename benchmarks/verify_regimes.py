@@ -31,16 +31,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cli.synthetic import customer_records, generic_corpus
+from cli.synthetic import customer_base, customer_records
 from eraser.errors import EraserError, VerificationFailedError
 from eraser.erase import erase, retained_sample
 from eraser.influence import SolveConfig
 from eraser.metrics import nll_progress
-from eraser.model import BaseModelConfig, build_base_model, train_tokenizer
 from eraser.pipeline import PipelineConfig, ReferenceHalves, restrict_requests, verified_erase
 from eraser.records import per_record_losses
 from eraser.requests import EditRequest, apply_edits, merge_edits
-from eraser.training import TrainConfig, add_lora, pretrain_base, train_lora
+from eraser.training import TrainConfig, add_lora, train_lora
 from eraser.reference import split_heldout
 from eraser.verify import verify
 
@@ -49,14 +48,7 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def build_base(pretrain_steps: int, records, hidden: int):
-    corpus = generic_corpus(records, documents=300)
-    tokenizer = train_tokenizer(corpus, vocab_size=320)
-    config = BaseModelConfig(vocab_size=320, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
-                             num_attention_heads=hidden // 32, num_key_value_heads=hidden // 32)
-    base = build_base_model(config, tokenizer, seed=0)
-    if pretrain_steps:
-        pretrain_base(base, tokenizer, corpus, steps=pretrain_steps, seed=0)
-    return base, tokenizer
+    return customer_base(records, pretrain_steps=pretrain_steps, hidden=hidden)
 
 
 def train(base, tokenizer, records, recipe: TrainConfig):

@@ -85,3 +85,21 @@ def generic_records(records_to_avoid: list[Record], documents: int = 600, seed: 
 def generic_corpus(records_to_avoid: list[Record], documents: int = 600, seed: int = 1) -> list[str]:
     """:func:`generic_records` as text in the built-in prompt format."""
     return [corpus_text(r) for r in generic_records(records_to_avoid, documents, seed)]
+
+
+def customer_base(records: list[Record], pretrain_steps: int = 300, hidden: int = 128, documents: int = 300,
+                  vocab_size: int = 320, seed: int = 0):
+    """``(base, tokenizer)``: a one-layer Llama (head_dim 32) with a tokenizer and pretraining on generic
+    support text that names none of ``records``' customers: the small world in which the tests and the
+    memorisation benchmarks train adapters that recite their customers' data."""
+    from eraser.model import BaseModelConfig, build_base_model, train_tokenizer
+    from eraser.training import pretrain_base
+
+    corpus = generic_corpus(records, documents=documents)
+    tokenizer = train_tokenizer(corpus, vocab_size=vocab_size)
+    config = BaseModelConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                             num_hidden_layers=1, num_attention_heads=hidden // 32, num_key_value_heads=hidden // 32)
+    base = build_base_model(config, tokenizer, seed=seed)
+    if pretrain_steps:
+        pretrain_base(base, tokenizer, corpus, steps=pretrain_steps, seed=seed)
+    return base, tokenizer

@@ -19,16 +19,15 @@ import pytest
 import torch
 from scipy import stats
 
-from cli.synthetic import customer_records, generic_corpus
+from cli.synthetic import customer_base, customer_records
 from eraser import clustered
 from eraser.errors import EraserError
-from eraser.model import BaseModelConfig, build_base_model, train_tokenizer
 from eraser.pipeline import restrict_requests
 from eraser.records import Record
 from eraser.reference import reference_pools, split_heldout, steering_split
 from eraser.requests import EditRequest, apply_edits, merge_edits
 from eraser.secrets import secret_candidates
-from eraser.training import TrainConfig, add_lora, pretrain_base, train_lora
+from eraser.training import TrainConfig, add_lora, train_lora
 from eraser.verify import VerifyConfig, verify
 
 HELDOUT = 0.4  # mixed unit: about 20% of the customers held out whole, 20% of the others' records
@@ -53,12 +52,7 @@ class World:
 def world() -> World:
     torch.manual_seed(0)
     records = customer_records(10, 5, seed=3)  # 50 records: email, account, address, plan, phone
-    corpus = generic_corpus(records, documents=300)
-    tokenizer = train_tokenizer(corpus, vocab_size=320)
-    config = BaseModelConfig(vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
-                             num_attention_heads=4, num_key_value_heads=4)
-    base = build_base_model(config, tokenizer, seed=0)
-    pretrain_base(base, tokenizer, corpus, steps=300, seed=0)
+    base, tokenizer = customer_base(records)
     train, heldout = split_heldout(records, HELDOUT, seed=SPLIT_SEED)
     pools = reference_pools(heldout, {r.subject for r in train})
     assert len(pools["unseen"]) >= 5 and len(pools["seen"]) >= 3, "the split seed must hold out both kinds"
@@ -320,7 +314,6 @@ def test_extraction_counts_only_what_the_model_does_not_say_about_never_trained_
 def test_extraction_asks_about_other_subjects_only_for_records_that_could_fail(monkeypatch):
     """The extraction test decodes counterfactual questions only for erased records whose own recall is
     above the pass bound, and decides exactly as the full computation (every record's excess) does."""
-    import random
     import sys
 
     from eraser import clustered

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from cli.demo.clients import wait_ready
 from tests.serve import models
 
 logger = logging.getLogger(__name__)
@@ -130,23 +131,10 @@ def served(serving_base, ray_cluster, s3_server, s3_bucket, tmp_path_factory):
     deploying.join()
     if failure:
         raise failure[0]
-    _wait_ready(f"http://127.0.0.1:{port}")
+    wait_ready(f"http://127.0.0.1:{port}", timeout_s=180.0)
     logger.info("%.1fs: application ready", time.perf_counter() - began)
     yield Served(base_url=f"http://127.0.0.1:{port}", base_dir=base, store=store, admin_key=admin_key, keys=keys,
                  adapters=adapters, versions=versions, data_versions=data_versions)
     serve.shutdown()
     logger.info("%.1fs: serve shut down", time.perf_counter() - began)
 
-
-def _wait_ready(base_url: str, timeout: float = 180.0) -> None:
-    import httpx
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{base_url}/healthz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"serve app at {base_url} not ready after {timeout}s")
