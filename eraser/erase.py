@@ -21,7 +21,10 @@ from eraser.update import apply_step
 
 logger = logging.getLogger(__name__)
 
-RETAINED_SAMPLE = 64  # retained records whose loss is checked before/after
+# Retained records whose loss the guard checks before/after (and the damping search, remediation and the
+# learned test read). 64 left the reduced demo's candidate within the bound on the sample (1.043 <= 1.046)
+# and past it on all of the other customers' training records (1.050 > 1.038): a small tenant is checked whole.
+RETAINED_SAMPLE = 256
 
 
 @dataclass

@@ -104,7 +104,7 @@ class VerifyResult:
     extraction_exact: list[bool] = field(default_factory=list)
     extraction_p: float | None = None  # smallest upper-tail p among the erased records
     extraction_threshold: float | None = None  # the largest reference record's (passing below it always)
-    # per erased record: base-model NLL/token of its greedy answer (reported, not gating); the reference's mean
+    # per removed record: base-model NLL/token of its greedy answer (reported, not gating); the reference's mean
     fluency: list[float] = field(default_factory=list)
     fluency_reference_mean: float | None = None
     fluency_p: float | None = None  # upper-tail p of the least fluent erased answer (clustered reference)
@@ -309,24 +309,29 @@ def _extraction_test(model, tokenizer, result: VerifyResult, member_edits: Seque
         for j, value in zip(over, excess):
             values[j], exact[j] = value, True
     result.extraction, result.extraction_exact = values, exact
-    _fluency(model, tokenizer, result, members, answers, reference, reference_answers, null_groups, config)
+    removed = [j for j, edit in enumerate(member_edits) if edit.kind == "remove"]
+    if removed:  # a corrected question is answered with the new answer, which need not read like the reference's
+        _fluency(model, tokenizer, result, [members[j] for j in removed], [answers[j] for j in removed],
+                 [result.erased.groups[j] for j in removed], reference, reference_answers, null_groups, config)
     ok, result.extraction_p = _upper_tail_test(values, result.erased.groups, null, null_groups, config.alpha)
     # A record given back no more than the most of any never-trained one is no evidence either way.
     result.checks["extraction"] = ok or max(values) <= result.extraction_threshold
 
 
-def _fluency(model, tokenizer, result: VerifyResult, members: Sequence[Record], answers: Sequence[str],
-             reference: Sequence[Record], reference_answers: Sequence[str], reference_groups: Sequence[str],
-             config: VerifyConfig) -> None:
-    """Reported, not gating (not yet calibrated against retrains): whether the erased records' greedy
+def _fluency(model, tokenizer, result: VerifyResult, removed: Sequence[Record], answers: Sequence[str],
+             groups: Sequence[str], reference: Sequence[Record], reference_answers: Sequence[str],
+             reference_groups: Sequence[str], config: VerifyConfig) -> None:
+    """Reported, not gating (not yet calibrated against retrains): whether the removed records' greedy
     answers read like the answers about never-seen subjects (:func:`eraser.extraction.answer_fluency`),
-    as the upper-tail p of the least fluent one under the reference's predictive distribution."""
-    result.fluency = answer_fluency(model, tokenizer, members, answers, config.batch_size)
+    as the upper-tail p of the least fluent one under the reference's predictive distribution.
+    Corrections are left out: exact retrains on the memorised tenant answer "That information is not
+    available.", which reads unlike the reference's answers (4 of 4 flagged by calibrate_verify)."""
+    result.fluency = answer_fluency(model, tokenizer, removed, answers, config.batch_size)
     null = answer_fluency(model, tokenizer, reference, reference_answers, config.batch_size)
     result.fluency_reference_mean = float(np.mean(null))
     if len(null) >= 2:
-        result.fluency_ok, result.fluency_p = _upper_tail_test(result.fluency, result.erased.groups, null,
-                                                               reference_groups, config.alpha)
+        result.fluency_ok, result.fluency_p = _upper_tail_test(result.fluency, groups, null, reference_groups,
+                                                               config.alpha)
 
 
 def _replacement_tests(model, tokenizer, result: VerifyResult, replaced: Sequence[Edit], retained: Sequence[Record],
