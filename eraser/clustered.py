@@ -80,19 +80,23 @@ def group_test(values: Sequence[float], groups: Sequence[Hashable], reference: V
     return float(2 * stats.t.sf(abs(t), reference.df)), t
 
 
+def _predictive_scale(reference: VarianceComponents) -> float:
+    """Scale of one more reference record (a new subject's: ``sigma_b^2 + sigma_w^2``, plus the
+    uncertainty of the reference mean)."""
+    return max(math.sqrt(reference.between + reference.within + reference.mean_variance), 1e-12)
+
+
 def record_tests(values: Sequence[float], reference: VarianceComponents) -> tuple[list[float], list[float]]:
     """Per value, ``(lower, upper)`` tail p-values under the predictive distribution of one more reference
-    record (a new subject's: ``sigma_b^2 + sigma_w^2``, plus the uncertainty of the reference mean)."""
-    scale = math.sqrt(reference.between + reference.within + reference.mean_variance)
-    t = (np.asarray(values, dtype=float) - reference.mean) / max(scale, 1e-12)
+    record (:func:`_predictive_scale`)."""
+    t = (np.asarray(values, dtype=float) - reference.mean) / _predictive_scale(reference)
     return [float(p) for p in stats.t.cdf(t, reference.df)], [float(p) for p in stats.t.sf(t, reference.df)]
 
 
 def record_upper_bound(reference: VarianceComponents, level: float) -> float:
     """The largest value whose upper tail under :func:`record_tests`' predictive distribution is still
     >= ``level``: the pass bound of an upper-tail test at that level (p falls as the value grows)."""
-    scale = math.sqrt(reference.between + reference.within + reference.mean_variance)
-    return reference.mean + max(scale, 1e-12) * float(stats.t.isf(level, reference.df))
+    return reference.mean + _predictive_scale(reference) * float(stats.t.isf(level, reference.df))
 
 
 def attack_auc(members: Sequence[float], reference: Sequence[float]) -> float:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 
-from serve.api_errors import ApiError, error_response, tenant_error
+from serve.api_errors import ApiError, tenant_error
 from serve.backend import BackendContext, load_backend
 from serve.board import SwitchNotifier
 from serve.config import ServeConfig
@@ -40,8 +40,6 @@ __all__ = ["ApiError", "ImportBody", "Ingress", "app", "decode_json", "parse", "
            "read_json", "tenant_error"]
 
 logger = logging.getLogger(__name__)
-
-_error_response = error_response  # the name tests/serve/test_import_route.py imports
 
 
 class Ingress(IngressAuth, OpenAIRoutes, TenantRoutes, AdminRoutes):

@@ -393,3 +393,10 @@ def test_a_garbled_answer_reads_less_fluent_than_a_made_up_one():
     garbled = "The email address@ac@ac@ac@ac@a lives at at at 9 9 9"
     made_up, broken = answer_fluency(w.base, w.tokenizer, [record, record], [fluent, garbled])
     assert made_up + 1.0 < broken
+
+
+def test_the_record_upper_bound_is_where_the_upper_tail_reaches_the_level():
+    fit = clustered.variance_components([0.1, 0.3, 0.2, 0.5, 0.4, 0.9], ["a", "a", "b", "b", "c", "c"])
+    bound = clustered.record_upper_bound(fit, 0.01)
+    _, upper = clustered.record_tests([bound - 1e-9, bound + 1e-9], fit)
+    assert upper[0] >= 0.01 > upper[1]

@@ -15,7 +15,8 @@ from starlette.requests import Request
 
 from serve.backend import BackendContext, ClusterBackend, PendingOnlyBackend
 from serve.config import ServeConfig
-from serve.ingress import ApiError, Ingress, _error_response
+from serve.api_errors import error_response
+from serve.ingress import ApiError, Ingress
 from tests.cli.test_tenants_import import BASE_NAME, chat_records, other_base, peft_adapter, split
 from tests.cluster.helpers import build_base
 
@@ -87,7 +88,7 @@ def post(ingress, tenant: str, body, key: str | None = ADMIN_KEY) -> tuple[int, 
         try:
             response = await Ingress.admin_import_tenant(ingress, tenant, Request(scope, receive))
         except ApiError as error:
-            response = _error_response(error)
+            response = error_response(error)
         return response.status_code, json.loads(response.body)
 
     return asyncio.run(call())
