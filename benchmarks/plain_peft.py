@@ -67,9 +67,12 @@ def plain_peft_train(base_dir: Path, examples: Sequence[dict], options, seed: in
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from eraser.model import MODEL_CONSTRUCTION
+
     seed = options.seed if seed is None else seed
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
-    base = AutoModelForCausalLM.from_pretrained(str(base_dir))
+    with MODEL_CONSTRUCTION:  # one model construction at a time in a process (eraser.model says why)
+        base = AutoModelForCausalLM.from_pretrained(str(base_dir))
     torch.manual_seed(seed)
     model = get_peft_model(base, LoraConfig(r=options.lora_r, lora_alpha=options.lora_alpha,
                                             target_modules=list(options.target_modules),

@@ -129,11 +129,14 @@ def build_base(architecture: str, tokenizer, seed: int = 0, **shape):
     the method's attention; ``shape`` as in :func:`base_config`."""
     from transformers import AutoModelForCausalLM
 
-    from eraser.model import register_attention
+    from eraser.model import MODEL_CONSTRUCTION, check_tied_embeddings, register_attention
 
     config = base_config(architecture, tokenizer, **shape)
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, attn_implementation=register_attention())
+    with MODEL_CONSTRUCTION:  # the seed and transformers' class-level patches are process-wide
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=register_attention())
+    check_tied_embeddings(model, f"{architecture} base")
+    return model
 
 
 def chatml_tokenizer(texts: Iterable[str], vocab_size: int, chat_template: str = CHATML_TEMPLATE):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
@@ -135,6 +136,30 @@ def _attention_in_input_dtype(module, query, key, value, attention_mask, scaling
     return output, weights
 
 
+# transformers 5.19's ``from_pretrained`` replaces ``PreTrainedModel.tie_weights`` and ``init_weights``
+# on the class with no-ops while it loads, and then puts back what it found there. Two threads loading
+# at once can put the no-ops back for good: from then on every base with tied embeddings (Qwen2,
+# Gemma2) loads with a freshly initialised output layer and the method differentiates a different
+# model. It does the same to torch's ``nn.init`` functions, which PEFT initialises new LoRA factors
+# with. The service loads from several threads (one per tenant, jobs run in process), so every model
+# construction here takes this lock; code outside ``eraser`` that builds models in a process shared
+# with the service should take it too.
+MODEL_CONSTRUCTION = threading.RLock()
+
+
+def check_tied_embeddings(model, where: str = "model") -> None:
+    """Raise EraserError when the config ties the output layer to the input embedding and the model
+    does not: transformers skipped the tying (see MODEL_CONSTRUCTION), and its output layer is not the
+    one it was trained with."""
+    config = model.config.get_text_config(decoder=True)
+    output = model.get_output_embeddings()
+    if getattr(config, "tie_word_embeddings", False) and output is not None \
+            and output.weight is not model.get_input_embeddings().weight:
+        raise EraserError(f"{where}: the config ties the output layer to the input embedding but transformers "
+                          "left them apart (a model loaded concurrently in this process without "
+                          "eraser.model.MODEL_CONSTRUCTION?); refusing to compute on a different model")
+
+
 def register_attention() -> str:
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import eager_mask
@@ -162,7 +187,9 @@ def load_base(base_dir: str | Path, dtype: torch.dtype = torch.float32, device: 
     if not (path / "config.json").is_file():
         raise EraserError(f"not a Hugging Face model directory (no config.json): {path}")
     target = parse_device(device)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation=register_attention())
+    with MODEL_CONSTRUCTION:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation=register_attention())
+    check_tied_embeddings(model, str(path))
     if target.type != "cpu":
         model.to(target)
     model.eval()
@@ -183,7 +210,8 @@ def load_adapter(base_model, adapter_dir: str | Path, trainable: bool = True):
         raise EraserError(f"not a PEFT adapter directory (no adapter_config.json): {path}")
     check_adapter_config(json.loads((path / "adapter_config.json").read_text()), path)
     try:
-        model = PeftModel.from_pretrained(base_model, str(path), is_trainable=trainable)
+        with MODEL_CONSTRUCTION:  # PEFT builds its layers with torch's init functions (see MODEL_CONSTRUCTION)
+            model = PeftModel.from_pretrained(base_model, str(path), is_trainable=trainable)
     except (RuntimeError, ValueError, KeyError) as error:
         raise AdapterMismatchError(f"adapter {path} does not fit base model: {error}") from None
     try:

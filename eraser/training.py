@@ -64,7 +64,8 @@ def add_lora(base_model, config: TrainConfig):
     """Wrap a base model with a fresh LoRA adapter (PEFT), initialised from ``config.seed``."""
     from peft import LoraConfig, get_peft_model
 
-    torch.manual_seed(config.seed)
+    from eraser.model import MODEL_CONSTRUCTION
+
     lora = LoraConfig(
         r=config.rank,
         lora_alpha=config.alpha,
@@ -73,7 +74,9 @@ def add_lora(base_model, config: TrainConfig):
         task_type="CAUSAL_LM",
         bias="none",
     )
-    return get_peft_model(base_model, lora)
+    with MODEL_CONSTRUCTION:  # the seed is process-wide, and torch's init functions too (eraser.model)
+        torch.manual_seed(config.seed)
+        return get_peft_model(base_model, lora)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:

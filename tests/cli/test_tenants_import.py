@@ -15,6 +15,7 @@ import torch
 
 from cli.main import main
 from cli.synthetic import customer_records
+from eraser.model import MODEL_CONSTRUCTION
 from tenants.models import Record
 from tests.cluster.helpers import PIPELINE, build_base
 
@@ -50,7 +51,9 @@ def peft_adapter(base_dir: Path, records: list[Record], out: Path, steps: int = 
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base_dir)),
+    with MODEL_CONSTRUCTION:
+        base = AutoModelForCausalLM.from_pretrained(str(base_dir))
+    model = get_peft_model(base,
                            LoraConfig(task_type="CAUSAL_LM", **{**LORA, **lora}))
     texts = [tokenizer.apply_chat_template([m.model_dump(exclude_none=True) for m in r.messages], tokenize=False)
              for r in records]

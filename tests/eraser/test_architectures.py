@@ -18,8 +18,9 @@ import torch.nn.functional as F
 
 from eraser.bases import ARCHITECTURES, CHATML_GENERATION_TEMPLATE, CHATML_TEMPLATE, build_base, chatml_tokenizer
 from eraser.bases import lora_targets
-from eraser.errors import UnsupportedModelError
-from eraser.model import ATTENTION, adapter_disabled, load_adapter, load_base, load_tokenizer, save_base_model
+from eraser.errors import EraserError, UnsupportedModelError
+from eraser.model import ATTENTION, MODEL_CONSTRUCTION, adapter_disabled, load_adapter, load_base, load_tokenizer
+from eraser.model import save_base_model
 from eraser.records import Record, collate, record_losses
 from eraser.rendering import IGNORE_INDEX, RecordFormat, encode, generation_prompt_ids
 from tests.tolerances import assert_close, relative_error
@@ -62,7 +63,8 @@ def native(base_dir: Path):
     """The base as transformers itself computes it (its own eager attention), eval mode."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(base_dir), attn_implementation="eager").eval()
+    with MODEL_CONSTRUCTION:
+        return AutoModelForCausalLM.from_pretrained(str(base_dir), attn_implementation="eager").eval()
 
 
 def assistant_nll(model, tokenizer, messages: list[dict]) -> torch.Tensor:
@@ -131,6 +133,42 @@ def test_bases_have_what_sets_their_architecture_apart(base_dirs):
     assert gemma.attn_logit_softcapping and gemma.query_pre_attn_scalar != gemma.head_dim
 
 
+def test_loading_from_many_threads_keeps_tied_bases_tied(base_dirs, tokenizer):
+    """transformers patches tie_weights on the class while it loads; unserialised loads from several
+    threads (the service's, one per tenant) can leave the patch in place and every tied base untied."""
+    import threading
+
+    from transformers import PreTrainedModel
+
+    originals = PreTrainedModel.tie_weights, PreTrainedModel.init_weights
+    try:
+        def load_many():
+            for _ in range(10):
+                load_base(base_dirs["qwen2"])
+
+        threads = [threading.Thread(target=load_many) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert (PreTrainedModel.tie_weights, PreTrainedModel.init_weights) == originals
+        for model in (load_base(base_dirs["gemma2"]), build_base("qwen2", tokenizer)):
+            assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    finally:  # a failure here must not untie every later test's models
+        PreTrainedModel.tie_weights, PreTrainedModel.init_weights = originals
+
+
+def test_an_untied_tied_base_is_refused(base_dirs):
+    from eraser.model import check_tied_embeddings
+
+    model = load_base(base_dirs["qwen2"])
+    check_tied_embeddings(model)
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    with pytest.raises(EraserError, match="ties the output layer"):
+        check_tied_embeddings(model, "qwen2 base")
+    check_tied_embeddings(load_base(base_dirs["llama"]))  # untied by its config: nothing to check
+
+
 def test_chatml_tokenizer_ends_turns_with_im_end(tokenizer, tmp_path):
     reloaded = load_tokenizer(save_base_model(build_base("llama", tokenizer), tokenizer, tmp_path))
     for tok in (tokenizer, reloaded):
@@ -167,7 +205,8 @@ def _padded_batch(vocab: int, length: int = 24) -> dict:
 def _native_logits(base_dir: Path, batch: dict, **config_changes) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir), attn_implementation="eager", **config_changes)
+    with MODEL_CONSTRUCTION:
+        model = AutoModelForCausalLM.from_pretrained(str(base_dir), attn_implementation="eager", **config_changes)
     with torch.no_grad():
         return model.eval()(**batch).logits
 
