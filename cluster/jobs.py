@@ -217,7 +217,7 @@ def execute_erasure(job: ErasureJob, shard: Shard, out_dir: Path | None,
     try:
         beat("load")
         config, tokenizer, model, train, heldout = _load_version(stores, job.tenant, job.adapter_version,
-                                                                 job.data_version, device)
+                                                                 job.data_version, device, stages)
         job = replace(job, pipeline=replace(job.pipeline, solve=tenant_solve(job.pipeline.solve, config)))
         requests, trained = edit_requests(job, {r.id for r in train})
         curvature = _usable_curvature(job, model)
@@ -262,17 +262,33 @@ def execute_erasure(job: ErasureJob, shard: Shard, out_dir: Path | None,
 
 
 def _load_version(stores: _Stores, tenant: str, adapter_version: str, data_version: str,
-                  worker_device: str | None = None):
+                  worker_device: str | None = None, stages: dict[str, float] | None = None):
     """The tenant's config, tokenizer, base model with the adapter version (on :func:`job_device`, in the
-    recipe's dtype), and its train / held-out split."""
+    recipe's dtype), and its train / held-out split. ``stages`` gets the seconds of each part: what
+    request-to-live spends before the method starts (a fresh worker pays the imports)."""
+    stages = {} if stages is None else stages
+    mark = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal mark
+        now = time.perf_counter()
+        stages[name] = now - mark
+        mark = now
+
     from eraser.model import load_adapter, load_base, load_tokenizer
 
+    lap("load_imports_s")
     config = stores.shared.get_tenant(tenant)
     base_dir = stores.shared.resolve_base_model(config.base_model)
+    lap("load_base_files_s")
     adapter_dir = stores.private.download_adapter(tenant, adapter_version)
     train, heldout = split_records(config, stores.private.read_dataset(tenant, data_version))
+    lap("load_tenant_files_s")
     tokenizer = load_tokenizer(base_dir, record_format(config))
-    model = load_adapter(load_base(base_dir, job_dtype(config), job_device(config, worker_device)), adapter_dir)
+    base = load_base(base_dir, job_dtype(config), job_device(config, worker_device))
+    lap("load_base_model_s")
+    model = load_adapter(base, adapter_dir)
+    lap("load_adapter_s")
     return config, tokenizer, model, train, heldout
 
 

@@ -81,3 +81,14 @@ def test_step_two_names_a_wrong_head_a_missing_adapter_and_an_unlisted_model():
         "tenant globex: HEAD's adapter v000001 is not in the store",
         "tenant globex: /v1/models lists []",
     ]
+
+
+def test_the_summary_splits_request_to_live_into_the_method_and_the_service_around_it():
+    from cli.demo.summary import erasure_breakdown
+
+    stages = {"influence_s": 2.0, "verify_s": 0.5, "load_s": 3.0, "load_imports_s": 2.0, "load_base_model_s": 0.6,
+              "publish_s": 0.2, "notify_s": 0.1}
+    (_, method), (_, service) = erasure_breakdown(stages, request_to_live_s=6.0)
+    assert method == "2.5 s (influence 2.0, verification 0.5)"
+    assert service.startswith("3.5 s (model load 3.0: imports 2.0, base 0.6; publish 0.2, switch 0.1")
+    assert erasure_breakdown({}, 6.0) == []
