@@ -41,6 +41,10 @@ from cluster.tenant_inputs import (  # noqa: F401  (record_format, train_config:
 
 logger = logging.getLogger(__name__)
 
+# Jobs this process ran before the current one: a pooled Ray worker (RayTaskJobRunner) that ran none
+# pays transformers' lazy imports inside the first model load (seconds; see the load_* stages).
+_jobs_run = 0
+
 RESULT_FILE = "result.json"
 ADAPTER_SUBDIR = "adapter"
 CURVATURE_FILE = "curvature.pt"
@@ -347,6 +351,10 @@ def execute_job(job: ErasureJob | CurvatureJob | TrainingJob, shard: Shard, out_
                 beat: Callable[..., None] | None = None, device: str | None = None) -> dict:
     """Run any job on this worker: erasure and curvature jobs on ``shard``, training (one worker) without.
     ``device``: the GPU the runner gave this worker (None: a CPU worker); see :func:`job_device`."""
+    global _jobs_run
+    logger.info("%s %s of tenant %s in process %d, which ran %d job(s) before", type(job).__name__, job.job_id,
+                job.tenant, os.getpid(), _jobs_run)
+    _jobs_run += 1
     if isinstance(job, TrainingJob):
         return execute_training(job, out_dir, beat, device)
     if isinstance(job, ErasureJob):
