@@ -16,9 +16,11 @@ from serve.protocol import error_body
 class ApiError(Exception):
     """An HTTP error in OpenAI's shape."""
 
-    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None) -> None:
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
+        self.headers = headers  # sent with the error (a 429's Retry-After)
 
 
 # HTTP status -> {tenants.errors class name: error code}. No class here subclasses another, so the
@@ -48,4 +50,4 @@ def tenant_error(error: Exception) -> ApiError:
 def error_response(error: ApiError, headers: dict[str, str] | None = None) -> JSONResponse:
     """``error`` as the JSON response OpenAI's clients expect."""
     return JSONResponse(error_body(error.status, error.message, error.code, error.param), status_code=error.status,
-                        headers=headers)
+                        headers={**(error.headers or {}), **(headers or {})})

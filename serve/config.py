@@ -1,7 +1,7 @@
 """Serving options: one pydantic model per concern, ``extra="forbid"``, a description per field.
 
 Every default can be overridden from the environment (``ERASER_SERVE_<FIELD>``, nested fields with
-``__``: ``ERASER_SERVE_ENGINE__MAX_LORAS=8``) or from the Serve config YAML's ``args`` (see
+``__``: ``ERASER_SERVE_ENGINE__MAX_LORAS=8``; ``null`` is None) or from the Serve config YAML's ``args`` (see
 ``serve/serve_config.yaml``); explicit values win over the environment.
 """
 
@@ -78,7 +78,8 @@ class ServeConfig(BaseSettings):
     """Everything the Serve application needs. Build one with :meth:`from_args` or :meth:`from_file`."""
 
     model_config = SettingsConfigDict(
-        env_prefix="ERASER_SERVE_", env_nested_delimiter="__", extra="forbid", frozen=True
+        env_prefix="ERASER_SERVE_", env_nested_delimiter="__", extra="forbid", frozen=True,
+        env_parse_none_str="null",  # ERASER_SERVE_TENANT_TOKENS_PER_MINUTE=null: no limit
     )
 
     app_name: str = Field("eraser", min_length=1, description="Serve application name (deployments are found by it)")
@@ -111,6 +112,12 @@ class ServeConfig(BaseSettings):
     max_concurrent_per_tenant: int = Field(
         16, ge=1, description="generations one tenant may have in flight per ingress replica (429 beyond), so one "
         "tenant cannot fill every engine replica's queue (max_ongoing_requests) for the others"
+    )
+    tenant_tokens_per_minute: int | None = Field(
+        100_000, ge=1, description="prompt + completion tokens one tenant may use per minute per ingress replica "
+        "(a token bucket of this size refilling continuously): a generation reserves its worst case (max_tokens "
+        "plus the prompt's UTF-8 bytes or token ids) and is refunded what it did not use; 429 with Retry-After "
+        "when the bucket cannot cover it, 400 when it exceeds the whole budget; None = no limit"
     )
     max_erasure_ids: int = Field(
         10_000, ge=1, description="most record ids (or subjects) one erasure request may select (400 beyond)"

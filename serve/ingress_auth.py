@@ -20,6 +20,7 @@ from fastapi import Request
 
 from serve.api_errors import ApiError, tenant_error
 from serve.board import ALL
+from serve.token_budget import TokenBudget
 
 logger = logging.getLogger(__name__)
 
@@ -48,13 +49,16 @@ class IngressAuth:
     """API keys and the store, for the routes of ``Ingress`` (a base class of it)."""
 
     def _init_guards(self) -> None:
-        """This replica's key caches, failure counts and per-tenant generation counts (all empty)."""
+        """This replica's key caches, failure counts, per-tenant generation counts (all empty) and
+        per-tenant token buckets (None without ``tenant_tokens_per_minute``)."""
         self._auth: dict[str, tuple[str, float, str | None]] = {}  # sha256(key) -> (principal, expiry, key id)
         self._failed: dict[str, float] = {}  # sha256(key) -> refused without a check until then
         self._failures: dict[str, collections.deque] = {}  # client address -> times of its failed keys
         self._key_epoch: int | None = None  # the board's revocation epoch seen; None: not watching
         self._revocation_watcher: asyncio.Task | None = None
         self._running: dict[str, int] = {}  # tenant -> generations in flight on this replica
+        per_minute = self.config.tenant_tokens_per_minute
+        self._tokens = TokenBudget(per_minute) if per_minute is not None else None
 
     async def _principal(self, request: Request) -> str | None:
         """'tenant:<name>' or 'admin' for the request's valid key, None otherwise.

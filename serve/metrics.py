@@ -53,6 +53,12 @@ def request_done(tenant: str, route: str, status: int, seconds: float) -> None:
     _emit("histogram", "eraser_request_seconds", "OpenAI-route request latency", seconds, tags)
 
 
+def rate_limited(tenant: str, limit: str) -> None:
+    """A generation refused by a per-tenant limit (``limit``: "tokens" or "concurrency")."""
+    _emit("counter", "eraser_rate_limited_total", "generations refused by a per-tenant limit (429)", 1,
+          {"tenant": tenant, "limit": limit})
+
+
 def adapter_loaded(tenant: str, seconds: float) -> None:
     _emit("counter", "eraser_adapter_loads_total", "adapter versions loaded into an engine", 1, {"tenant": tenant})
     _emit("histogram", "eraser_adapter_load_seconds", "download + engine load of one adapter version", seconds,

@@ -3,17 +3,19 @@
 :class:`OpenAIRoutes` is a base class of ``Ingress`` (:mod:`serve.ingress`); Ray Serve binds its
 routes because it walks the deployment class's MRO. A tenant's key reaches one model, the tenant's
 own (its name). A generation is a job for the engine deployment, admitted within the tenant's share
-of this replica, answered whole or streamed as server-sent events (:func:`_sse`), its chunks summed
-into a :class:`~serve.engine.Completion` (:func:`_add`). The bodies' shapes are :mod:`serve.protocol`'s.
+of this replica (requests in flight, and tokens per minute: :mod:`serve.token_budget`), answered whole
+or streamed as server-sent events (:func:`_sse`), its chunks summed into a
+:class:`~serve.engine.Completion` (:func:`_add`). The bodies' shapes are :mod:`serve.protocol`'s.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import asdict
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -34,6 +36,7 @@ from serve.protocol import (
     usage_chunk,
 )
 from serve.request_body import parse, read_json
+from serve.token_budget import duration
 
 logger = logging.getLogger(__name__)
 
@@ -82,30 +85,73 @@ class OpenAIRoutes:
 
     async def _admitted(self, request: Request, job: dict[str, Any], body, route: str, started: float):
         """``_respond`` within the tenant's share of this replica: at most ``max_concurrent_per_tenant``
-        generations at once (429 beyond), so one tenant cannot fill the engine queues for all."""
-        tenant, limit = job["tenant"], self.config.max_concurrent_per_tenant
-        running = self._running.get(tenant, 0)
-        if running >= limit:
-            metrics.request_done(tenant, route, 429, time.perf_counter() - started)
-            raise ApiError(429, f"model {tenant!r} has {running} requests running on this replica, its limit; "
-                           "retry later", "tenant_concurrency_limit")
-        self._running[tenant] = running + 1
+        generations at once and ``tenant_tokens_per_minute`` tokens (429 beyond either), so one tenant
+        cannot fill the engine queues, nor keep them busy, for all."""
+        tenant = job["tenant"]
+        self._check_concurrency(tenant, route, started)
+        reserved = self._reserve_tokens(job, route, started)
+        self._running[tenant] = self._running.get(tenant, 0) + 1
         released = False
 
-        def release() -> None:
+        def release(used: int) -> None:
+            """Free the slot and settle the reservation to ``used`` tokens, once (the end or the error)."""
             nonlocal released
             if not released:
                 released = True
                 self._running[tenant] -= 1
+                if self._tokens is not None:
+                    self._tokens.settle(tenant, reserved, used)
 
         try:
             response = await self._respond(request, job, body, route, started, release)
         except BaseException:
-            release()
+            release(0)  # a no-op when the response already settled what it generated
             raise
-        if not isinstance(response, StreamingResponse):
-            release()
+        response.headers.update(self._token_headers(tenant))
         return response  # a stream releases when it ends (its generator's finally)
+
+    def _check_concurrency(self, tenant: str, route: str, started: float) -> None:
+        running, limit = self._running.get(tenant, 0), self.config.max_concurrent_per_tenant
+        if running >= limit:
+            self._limited(tenant, route, started, "concurrency")
+            raise ApiError(429, f"model {tenant!r} has {running} requests running on this replica, its limit; "
+                           "retry later", "tenant_concurrency_limit")
+
+    def _reserve_tokens(self, job: dict[str, Any], route: str, started: float) -> int:
+        """Reserve the job's worst case (:func:`_worst_case`) in the tenant's token bucket and return it
+        (0 without a limit); 429 with Retry-After when the bucket cannot cover it now, 400 when it never can."""
+        if self._tokens is None:
+            return 0
+        tenant, capacity = job["tenant"], self._tokens.capacity
+        tokens = _worst_case(job, self.config.engine.max_model_len)
+        wait_s = self._tokens.reserve(tenant, tokens)
+        if wait_s == 0.0:
+            return tokens
+        if math.isinf(wait_s):
+            metrics.request_done(tenant, route, 400, time.perf_counter() - started)
+            raise ApiError(400, f"this request may use {tokens} tokens (max_tokens plus the prompt), more than "
+                           f"model {tenant!r}'s whole budget of {capacity} tokens per minute on this replica: it "
+                           "can never be served; lower max_tokens or shorten the prompt", "request_too_large",
+                           "max_tokens", self._token_headers(tenant))
+        self._limited(tenant, route, started, "tokens")
+        retry = math.ceil(wait_s)
+        raise ApiError(429, f"model {tenant!r} is past its rate limit of {capacity} tokens per minute on this "
+                       f"replica: this request may use {tokens} tokens, {int(self._tokens.available(tenant))} are "
+                       f"left; retry in {retry} s", "rate_limit_exceeded", None,
+                       {"retry-after": str(retry), **self._token_headers(tenant)})
+
+    def _token_headers(self, tenant: str) -> dict[str, str]:
+        """OpenAI's rate-limit headers for the tenant's token bucket (none without a limit)."""
+        if self._tokens is None:
+            return {}
+        return {"x-ratelimit-limit-tokens": str(self._tokens.capacity),
+                "x-ratelimit-remaining-tokens": str(int(self._tokens.available(tenant))),
+                "x-ratelimit-reset-tokens": duration(self._tokens.reset_s(tenant))}
+
+    @staticmethod
+    def _limited(tenant: str, route: str, started: float, limit: str) -> None:
+        metrics.rate_limited(tenant, limit)
+        metrics.request_done(tenant, route, 429, time.perf_counter() - started)
 
     def _job(self, request: Request, tenant: str, body, max_tokens: int | None, **prompt: Any) -> dict[str, Any]:
         limit = self.config.max_tokens_limit
@@ -117,7 +163,7 @@ class OpenAIRoutes:
         return {"tenant": tenant, "request_id": request_id, "options": asdict(options), **prompt}
 
     async def _respond(self, request: Request, job: dict[str, Any], body, route: str, started: float,
-                       release=lambda: None):
+                       release: Callable[[int], None]):
         tenant, request_id = job["tenant"], job["request_id"]
         stream = self.engine.options(stream=True).generate.remote(job)
         try:
@@ -136,10 +182,13 @@ class OpenAIRoutes:
             events = self._sse_stream(stream, job, body, route, created, started, first["adapter"], release)
             return StreamingResponse(events, media_type="text/event-stream", headers=headers)
         result = Completion()
-        async for item in stream:
-            if "error" in item:
-                raise ApiError(item["error"]["status"], item["error"]["message"], item["error"]["code"])
-            _add(result, item["chunk"])
+        try:
+            async for item in stream:
+                if "error" in item:
+                    raise ApiError(item["error"]["status"], item["error"]["message"], item["error"]["code"])
+                _add(result, item["chunk"])
+        finally:
+            release(_used(result))
         builder = completion_body if route == "completions" else chat_body
         metrics.request_done(tenant, route, 200, time.perf_counter() - started)
         logger.info("request_id=%s tenant=%s route=%s adapter=%s tokens=%d seconds=%.3f", request_id, tenant, route,
@@ -147,7 +196,7 @@ class OpenAIRoutes:
         return JSONResponse(builder(request_id, body.model, result, created), headers=headers)
 
     async def _sse_stream(self, stream, job, body, route: str, created: int, started: float,
-                          adapter: str, release=lambda: None) -> AsyncIterator[bytes]:
+                          adapter: str, release: Callable[[int], None]) -> AsyncIterator[bytes]:
         """The stream's chunks as server-sent events, then ``[DONE]``; a client that goes away cancels it."""
         request_id, model = job["request_id"], body.model
         result, finished = Completion(), False
@@ -174,7 +223,7 @@ class OpenAIRoutes:
             finished = True
             yield b"data: [DONE]\n\n"
         finally:
-            release()
+            release(_used(result))
             if not finished:  # client went away: stop generating
                 stream.cancel()
             metrics.request_done(job["tenant"], route, 200 if finished else 499, time.perf_counter() - started)
@@ -185,6 +234,26 @@ class OpenAIRoutes:
 
 def _sse(data: dict[str, Any]) -> bytes:
     return f"data: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+def _used(result: Completion) -> int:
+    """Tokens a generation used, as its ``usage`` reports them."""
+    return result.prompt_tokens + result.completion_tokens
+
+
+def _worst_case(job: dict[str, Any], max_model_len: int | None) -> int:
+    """The most tokens ``job`` can use: its max_tokens plus a bound on its prompt, which the ingress does
+    not tokenise: the prompt's token ids, or its text's UTF-8 bytes (a byte-level BPE token spans at
+    least one byte; the few tokens a chat template adds per message are charged at settlement). The
+    engine never goes past ``max_model_len`` (prompt + completion), when it is set."""
+    prompt = job.get("prompt")
+    if isinstance(prompt, list):
+        prompt_tokens = len(prompt)
+    else:
+        text = prompt if prompt is not None else "".join(m["content"] for m in job["messages"])
+        prompt_tokens = len(text.encode("utf-8", "surrogatepass"))
+    tokens = job["options"]["max_tokens"] + prompt_tokens
+    return min(tokens, max_model_len) if max_model_len else tokens
 
 
 def _add(result: Completion, chunk: dict[str, Any]) -> None:

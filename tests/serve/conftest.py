@@ -41,6 +41,7 @@ class Served:
     versions: dict[str, str]  # same keys -> store version (v000001, ...)
     data_versions: dict[str, str] = field(default_factory=dict)  # tenant -> data version
     references: dict[tuple, str] = field(default_factory=dict)  # cache of HF/PEFT greedy answers
+    config: dict = field(default_factory=dict)  # the application's ServeConfig fields
 
     def client(self, tenant: str, **kwargs):
         from openai import OpenAI
@@ -134,7 +135,7 @@ def served(serving_base, ray_cluster, s3_server, s3_bucket, tmp_path_factory):
     wait_ready(f"http://127.0.0.1:{port}", timeout_s=180.0)
     logger.info("%.1fs: application ready", time.perf_counter() - began)
     yield Served(base_url=f"http://127.0.0.1:{port}", base_dir=base, store=store, admin_key=admin_key, keys=keys,
-                 adapters=adapters, versions=versions, data_versions=data_versions)
+                 adapters=adapters, versions=versions, data_versions=data_versions, config=config)
     serve.shutdown()
     logger.info("%.1fs: serve shut down", time.perf_counter() - began)
 

@@ -159,3 +159,53 @@ def test_a_flooding_tenant_is_cut_at_its_limit_and_the_other_is_still_served(ser
     assert statuses.get(429, 0) > 0 and set(statuses) <= {200, 429}, statuses
     # measured on 2 shared cores: 0.10 s quiet, 0.3-1 s under the flood (the CPUs are shared too)
     assert figures["victim_p50_flood_s"] < 10 * figures["victim_p50_quiet_s"] + 1.0, figures
+
+
+@pytest.fixture
+def token_limited(served):
+    """A second real ingress (its own Serve application under ``/limited``) with a budget of 300 tokens
+    a minute, in front of the served application's engine and board: the shared ingress keeps the
+    default budget, which no other test may drain."""
+    from ray import serve
+
+    from serve.app import ENGINE_DEPLOYMENT
+    from serve.board import BOARD_DEPLOYMENT
+    from serve.config import ServeConfig
+    from serve.ingress import Ingress, app
+
+    name = f"{served.config['app_name']}-tokens"
+    engine = serve.get_deployment_handle(ENGINE_DEPLOYMENT, app_name=served.config["app_name"])
+    board = serve.get_deployment_handle(BOARD_DEPLOYMENT, app_name=served.config["app_name"])
+    config = ServeConfig.from_args({**served.config, "tenant_tokens_per_minute": 300})
+    ingress = serve.deployment(serve.ingress(app)(Ingress), name="LimitedIngress", num_replicas=1,
+                               ray_actor_options={"num_cpus": 0})
+    serve.run(ingress.bind(config, engine, board), name=name, route_prefix="/limited")
+    yield f"{served.base_url}/limited"
+    serve.delete(name)
+
+
+def test_a_tenant_past_its_token_budget_gets_429_with_retry_after_and_the_other_is_still_served(
+        served, token_limited, record_property):
+    def complete(tenant: str) -> httpx.Response:
+        return httpx.post(f"{token_limited}/v1/completions", headers={"Authorization": f"Bearer {served.keys[tenant]}"},
+                          json={"model": tenant, "prompt": "hi", "max_tokens": 32, "ignore_eos": True,
+                                "temperature": 0}, timeout=60)
+
+    statuses = []
+    for _ in range(20):  # each uses ~34 of the 300 (refilling at 5 a second): refused after about 9
+        response = complete("acme")
+        statuses.append(response.status_code)
+        if response.status_code != 200:
+            break
+        assert response.headers["x-ratelimit-limit-tokens"] == "300"
+        assert response.json()["usage"]["completion_tokens"] == 32
+    record_property("token_limit_statuses", statuses)
+    assert statuses[-1] == 429 and set(statuses[:-1]) == {200} and len(statuses) >= 5, statuses
+    error = response.json()["error"]
+    assert (error["type"], error["code"]) == ("rate_limit_error", "rate_limit_exceeded"), error
+    assert 1 <= int(response.headers["retry-after"]) <= 60
+    assert int(response.headers["x-ratelimit-remaining-tokens"]) < 34
+    other = complete("beta")  # another tenant, through the same ingress replica, is served
+    assert other.status_code == 200, other.text
+    assert int(other.headers["x-ratelimit-remaining-tokens"]) > 300 - 40
+    logger.info("token limit: acme %s, then beta %d", statuses, other.status_code)

@@ -77,6 +77,17 @@ def test_config_validates_fields_and_reads_the_environment(monkeypatch):
     assert config.refresh_interval_s == 1  # explicit beats the environment
 
 
+def test_the_token_rate_limit_is_on_by_default_validated_and_can_be_turned_off(monkeypatch):
+    assert ServeConfig().tenant_tokens_per_minute == 100_000
+    with pytest.raises(ValidationError, match="tenant_tokens_per_minute"):
+        ServeConfig.from_args({"tenant_tokens_per_minute": 0})
+    assert ServeConfig.from_args({"tenant_tokens_per_minute": None}).tenant_tokens_per_minute is None
+    monkeypatch.setenv("ERASER_SERVE_TENANT_TOKENS_PER_MINUTE", "null")
+    assert ServeConfig().tenant_tokens_per_minute is None
+    monkeypatch.setenv("ERASER_SERVE_TENANT_TOKENS_PER_MINUTE", "6000")
+    assert ServeConfig().tenant_tokens_per_minute == 6000
+
+
 def test_serve_config_yaml_is_valid():
     from pathlib import Path
 
