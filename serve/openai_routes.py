@@ -180,7 +180,8 @@ class OpenAIRoutes:
         created = int(time.time())
         if body.stream:
             events = self._sse_stream(stream, job, body, route, created, started, first["adapter"], release)
-            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+            return ClosingStream(events, lambda: (release(0), stream.cancel()), media_type="text/event-stream",
+                                 headers=headers)
         result = Completion()
         try:
             async for item in stream:
@@ -230,6 +231,23 @@ class OpenAIRoutes:
             logger.info("request_id=%s tenant=%s route=%s stream adapter=%s tokens=%d seconds=%.3f finished=%s",
                         request_id, job["tenant"], route, adapter, result.completion_tokens,
                         time.perf_counter() - started, finished)
+
+
+class ClosingStream(StreamingResponse):
+    """A streamed response that calls ``on_close`` however its sending ends. The body's own ``finally``
+    (which frees the tenant's slot and settles its tokens) never runs when the client left before the
+    first byte: an async generator that never started has nothing to close. ``on_close`` must be
+    harmless after the body's own cleanup (``release`` acts once; cancelling a finished stream is a no-op)."""
+
+    def __init__(self, content, on_close: Callable[[], Any], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
 
 
 def _sse(data: dict[str, Any]) -> bytes:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from serve.token_budget import TokenBudget
 from tests.serve.local_ingress import LocalService
 from tests.tenants.helpers import onboard
@@ -109,3 +111,27 @@ def test_no_token_limit_when_it_is_off(store, tmp_path):
             await service.close()
 
     asyncio.run(main())
+
+
+def test_a_stream_whose_client_left_before_its_first_byte_still_frees_its_slot():
+    """The body's own cleanup never runs for a generator that never started; the response's does."""
+    from starlette.requests import ClientDisconnect
+
+    from serve.openai_routes import ClosingStream
+
+    body_ran, closed = [], []
+
+    async def events():
+        body_ran.append(True)
+        yield b"data: [DONE]\n\n"
+
+    async def gone(message):
+        raise OSError("client disconnected")
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    response = ClosingStream(events(), lambda: closed.append(True), media_type="text/event-stream")
+    with pytest.raises(ClientDisconnect):  # starlette's word for the OSError
+        asyncio.run(response({"type": "http", "asgi": {"spec_version": "2.4"}}, receive, gone))
+    assert closed == [True] and body_ran == []
