@@ -25,7 +25,7 @@ from tenants.store import TenantStore
 
 from cluster.config import CALL_TIMEOUT_S, COORDINATOR_PREFIX, NAMESPACE, CoordinatorOptions, RunnerSpec
 from cluster.coordinator import ErasureCoordinator, PublishHook
-from cluster.errors import CoordinatorMismatchError
+from cluster.errors import ClusterError, CoordinatorMismatchError
 from cluster.runners import make_runner
 
 logger = logging.getLogger(__name__)
@@ -87,6 +87,17 @@ def unregister_publish_hook(name: str, namespace: str = NAMESPACE) -> bool:
     return bool(registry and ray.get(registry.unregister.remote(name), timeout=CALL_TIMEOUT_S))
 
 
+class UnreadableHooks:
+    """Stands in for the hooks of a registry that exists but could not be read: it fails like an
+    unreachable hook, so no switch is confirmed and no receipt reads "no serving hook registered"."""
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+    def __call__(self, tenant: str, head: Head) -> Any:
+        raise ClusterError(f"publish hooks unavailable: {self.error}")
+
+
 def registered_hooks(namespace: str = NAMESPACE) -> list[PublishHook]:
     registry = _registry(namespace, create=False)
     if registry is None:
@@ -95,7 +106,7 @@ def registered_hooks(namespace: str = NAMESPACE) -> list[PublishHook]:
         return list(ray.get(registry.hooks.remote(), timeout=30).values())
     except Exception as error:  # a missing hook only delays serving (it polls HEAD too)
         logger.warning("publish hooks unavailable: %s", error)
-        return []
+        return [UnreadableHooks(str(error))]
 
 
 class ActorMethodHook:
@@ -217,7 +228,13 @@ class CoordinatorActor:
         return version
 
     def purge_due(self) -> list[dict]:
-        return self._executor.submit(self.core.purge_due).result()
+        """Purge what is due, then check which receipts that makes complete; returns the purge entries."""
+        return self._executor.submit(self._purge_and_complete).result()
+
+    def _purge_and_complete(self) -> list[dict]:
+        entries = self.core.purge_due()
+        self.core.complete_due()
+        return entries
 
     def pending_purge_at(self) -> float | None:
         return self.core.pending_purge_at()

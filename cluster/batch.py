@@ -205,6 +205,8 @@ def summary_table(entries: Sequence[Entry]) -> str:
         note = receipt.error or (f"purged {len(receipt.purged)} version(s)" if receipt.purged else "")
         if receipt.status.value == "published" and not receipt.purged:
             note = "purge pending (grace period)"
+        if receipt.status.value == "published":  # published is live; complete is checked (receipt.completion)
+            note += "; complete" if receipt.completed_at else "; not yet complete"
         rows.append((receipt.tenant, receipt.request_id, receipt.request.kind, receipt.status.value, adapter,
                      str(len(receipt.records_affected)), receipt.path or "-",
                      f"{seconds:.1f}" if seconds is not None else "-", note))

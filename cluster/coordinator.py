@@ -10,7 +10,9 @@ tenant in :mod:`cluster.actors`); different tenants run in parallel. A round:
 3. receipts ``pending -> running``; the job (Ray Train, a Ray task or in-process) solves, verifies, guards;
 4. publish data version k+1 and adapter version k+1 (manifest: request ids, solver report, checks,
    path), then move HEAD by compare-and-swap; receipts ``published``;
-5. notify serving (hooks), then purge superseded versions past the grace period;
+5. notify serving (hooks), then purge superseded versions past the grace period; a receipt is stamped
+   ``completed_at`` once its records are checked gone from HEAD's dataset, the versions that held them
+   checked purged and its replicas' switch recorded (:meth:`ErasureCoordinator.complete_due`);
 6. warm (the Ray actor, in the background): build the new HEAD's low-rank curvature (solver
    "eigen") with a curvature job, so the next erasure on it skips that cost. The coordinator holds it
    in memory only (the Ray object store), never in S3, and drops it as soon as HEAD moves past its
@@ -20,9 +22,9 @@ A job that fails leaves the receipts ``failed`` with the error and publishes not
 only after both versions are committed, and only a moved HEAD makes anything live. The receipt is
 written at every step.
 
-Why one module of about 600 lines: the round, recovery, retries and switch re-drives are one state
-machine over one tenant's receipts, under one lease and fencing token; cut apart, each piece would
-have to re-derive the others' invariants.
+Why one module of about 700 lines: the round, recovery, retries, switch re-drives and completeness
+checks are one state machine over one tenant's receipts, under one lease and fencing token; cut
+apart, each piece would have to re-derive the others' invariants.
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from tenants.errors import ConflictError, HeadConflictError, InvalidTransitionError, LeaseLostError, TenantError
 from tenants.lease import TenantLease
-from tenants.models import AdapterManifest, ErasureRequest, Head, Receipt, ReceiptStatus, Record
+from tenants.completion import replicas_switched
+from tenants.models import (AdapterManifest, Completion, CompletionCheck, ErasureRequest, Head, Receipt, ReceiptStatus,
+                            Record, utcnow)
 from tenants.store import TenantStore
 
 from cluster.config import CoordinatorOptions
@@ -154,6 +158,7 @@ class ErasureCoordinator:
                     return reports
             self.purge_due()
             self.redrive_switches()
+            self.complete_due()
             return reports
 
     def retry_due(self, now: float | None = None) -> list[str]:
@@ -177,8 +182,10 @@ class ErasureCoordinator:
             return retried
 
     def redrive_switches(self) -> list[str]:
-        """Published receipts of HEAD's adapter whose replicas had not confirmed the switch
-        ``redrive_after_s`` after publishing: notify again and stamp ``replicas_switched_at`` once every hook says so. Returns the ids stamped."""
+        """Published receipts whose replicas had not confirmed the switch ``redrive_after_s`` after
+        publishing: notify HEAD again and stamp ``replicas_switched_at`` once every hook says so. Receipts
+        of an older adapter than HEAD's are stamped too: a replica that switched to HEAD serves nothing
+        else, so it holds no receipt's old adapter but HEAD's own. Returns the ids stamped."""
         with self._leased():
             if not self.hooks():
                 return []
@@ -187,7 +194,7 @@ class ErasureCoordinator:
                 return []
             cutoff = time.time() - self.options.redrive_after_s
             waiting = [r for r in self.store.list_receipts(self.tenant, ReceiptStatus.published)
-                       if r.replicas_switched_at is None and r.new_adapter_version == head.adapter
+                       if r.replicas_switched_at is None and r.old_adapter_version != head.adapter
                        and r.published_at is not None and r.published_at.timestamp() <= cutoff]
             if not waiting:
                 return []
@@ -197,6 +204,48 @@ class ErasureCoordinator:
             for receipt in waiting:
                 self._update(receipt.request_id, lambda r: r.update(replicas_switched_at=switched))
             return [r.request_id for r in waiting]
+
+    def complete_due(self) -> list[str]:
+        """Check every published receipt not yet complete (:mod:`tenants.completion`) and stamp
+        ``completed_at`` on those whose three checks all hold; the checks go on the receipt either way,
+        so it says what was verified. Receipts still in their purge grace are skipped (their superseded
+        versions are kept on purpose: nothing to check yet). A read that fails records nothing (the next
+        round checks again). Returns the ids stamped."""
+        with self._leased():
+            head, _ = self.store.get_head(self.tenant)
+            cutoff = time.time() - self._grace_s()
+            waiting = [r for r in self.store.list_receipts(self.tenant, ReceiptStatus.published)
+                       if r.completed_at is None and r.published_at is not None and r.published_at.timestamp() <= cutoff]
+            if head is None or not waiting:
+                return []
+            try:
+                checked = self.store.check_completion(self.tenant, head, waiting)
+            except TenantError as error:
+                logger.warning("tenant %s: completeness not checked (retried next round): %s", self.tenant, error)
+                return []
+            hooks = bool(self.hooks())
+            return [receipt.request_id for receipt in waiting
+                    if self._record_completion(receipt.request_id, *checked[receipt.request_id], hooks)]
+
+    def _record_completion(self, request_id: str, records: CompletionCheck, versions: CompletionCheck,
+                           hooks: bool) -> bool:
+        """Write the checks on the receipt, with ``completed_at`` when all three hold; the replica check
+        reads the receipt as written now (a switch may have been stamped since the listing)."""
+        def change(r: Receipt) -> None:
+            if r.completed_at is not None:  # complete is final: a later check never rewrites what was verified
+                return
+            completion = Completion(checked_at=utcnow(), records_gone=records, versions_purged=versions,
+                                    replicas_switched=replicas_switched(r, hooks))
+            r.update(completion=completion, **({"completed_at": completion.checked_at} if completion.ok else {}))
+
+        try:
+            receipt = self._update(request_id, change)
+        except TenantError as error:  # evidence only: the next round checks again
+            logger.warning("tenant %s: could not record the completeness of %s: %s", self.tenant, request_id, error)
+            return False
+        if receipt.completed_at is not None:
+            logger.info("tenant %s: request %s verified complete", self.tenant, request_id)
+        return receipt.completed_at is not None
 
     def warm_curvature(self) -> bool:
         """Build HEAD's low-rank curvature now, so the next erasure on it skips that cost (solver "eigen").
@@ -309,14 +358,17 @@ class ErasureCoordinator:
 
     def pending_purge_at(self) -> float | None:
         """Seconds from now until the next published erasure's grace period ends, if any is waiting."""
-        grace = self.options.purge_grace_seconds
-        grace = self.store.settings.purge_grace_seconds if grace is None else grace
+        grace = self._grace_s()
         if grace <= 0:
             return None
         now = time.time()
         waits = [r.published_at.timestamp() + grace - now for r in self.store.list_receipts(self.tenant, "published")
                  if not r.purged and r.published_at is not None and r.published_at.timestamp() + grace > now]
         return max(0.0, min(waits)) if waits else None
+
+    def _grace_s(self) -> float:
+        grace = self.options.purge_grace_seconds
+        return self.store.settings.purge_grace_seconds if grace is None else grace
 
     # ============================================================ recovery
     def recover(self) -> list[str]:

@@ -11,7 +11,9 @@ coordinator run a round (the round, under the tenant's lease, does the work):
 - ``failed`` for a transient reason with attempts left and its backoff passed (the round re-queues it
   and records the attempt; see :func:`cluster.coordinator.retry_at`);
 - ``published`` erasures past the purge grace period while superseded versions remain (purge);
-- ``published`` erasures of HEAD's adapter whose replicas never confirmed the switch (re-notify).
+- ``published`` erasures of HEAD's adapter whose replicas never confirmed the switch (re-notify);
+- ``published`` erasures past the grace period not yet verified complete (``completed_at``), last
+  checked ``redrive_after_s`` ago or never (the round checks again: :mod:`tenants.completion`).
 
 A tenant whose lease is live is left to its holder. Each pass is bounded: one round per tenant with
 due work, tenants one after another.
@@ -68,6 +70,12 @@ def due_work(store: TenantStore, tenant: str, options: CoordinatorOptions, now: 
                   and r.published_at.timestamp() + options.redrive_after_s <= now]
     if unswitched:
         reasons.append(f"{len(unswitched)} published without every replica switched")
+    # a check that failed is retried after redrive_after_s: what failed it (a purge, a switch, the data) needs time
+    unverified = [r for r in published if r.completed_at is None and r.published_at is not None
+                  and r.published_at.timestamp() + grace <= now
+                  and (r.completion is None or r.completion.checked_at.timestamp() + options.redrive_after_s <= now)]
+    if unverified:
+        reasons.append(f"{len(unverified)} published not yet verified complete")
     return reasons
 
 

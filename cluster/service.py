@@ -90,7 +90,8 @@ class ErasureService(abc.ABC):
         """Have ``hook(tenant, head)`` called after every HEAD move."""
 
     def purge_due(self, tenants: Sequence[str]) -> None:
-        """Purge what is past its grace period now (a round does it too)."""
+        """Purge what is past its grace period now, then stamp the receipts that makes complete (a round
+        does both too)."""
 
     @abc.abstractmethod
     def run_round(self, tenant: str) -> None:
@@ -187,6 +188,7 @@ class LocalErasureService(ErasureService):
     def purge_due(self, tenants: Sequence[str]) -> None:
         for tenant in tenants:
             self.coordinator(tenant).purge_due()
+            self.coordinator(tenant).complete_due()
 
 
 class RayErasureService(ErasureService):

@@ -12,7 +12,8 @@ from here.
 from tenants.models.base import normalize_subject, producer_version, utcnow
 from tenants.models.config import DEFAULT_TARGET_MODULES, KeyHash, LoraRecipe, TenantConfig, TrainingRecipe
 from tenants.models.manifests import AdapterManifest, DataManifest, Head, ModelManifest, ShardInfo
-from tenants.models.receipts import ALLOWED_TRANSITIONS, ErasurePath, PurgeEntry, Receipt, ReceiptStatus
+from tenants.models.receipts import (ALLOWED_TRANSITIONS, Completion, CompletionCheck, ErasurePath, PurgeEntry, Receipt,
+                                     ReceiptStatus)
 from tenants.models.requests import ChatMessage, ErasureKind, ErasureRequest, Record, Replacement, content_id
 
 __all__ = [
@@ -20,6 +21,8 @@ __all__ = [
     "DEFAULT_TARGET_MODULES",
     "AdapterManifest",
     "ChatMessage",
+    "Completion",
+    "CompletionCheck",
     "DataManifest",
     "ErasureKind",
     "ErasurePath",

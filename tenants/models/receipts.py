@@ -57,6 +57,30 @@ class PurgeEntry(_Model):
     deleted_at: datetime = Field(description="when it was deleted (UTC)")
 
 
+class CompletionCheck(_Model):
+    """One condition of a complete erasure, as it was checked."""
+
+    ok: bool = Field(description="whether the condition held when checked")
+    detail: str = Field(description="what was read and what was found (versions and counts, never record ids)")
+
+
+class Completion(_Model):
+    """The last check of whether an erasure is complete (``tenants.completion``)."""
+
+    checked_at: datetime = Field(description="when the checks ran (UTC)")
+    records_gone: CompletionCheck = Field(
+        description="HEAD's dataset holds none of the removed records, and each corrected one holds its replacement")
+    versions_purged: CompletionCheck = Field(
+        description="no committed version lacking the erasure in its lineage is left, nor a hidden copy on a "
+        "versioned bucket")
+    replicas_switched: CompletionCheck = Field(
+        description="replicas_switched_at is set, or no serving hook is registered (said so)")
+
+    @property
+    def ok(self) -> bool:
+        return self.records_gone.ok and self.versions_purged.ok and self.replicas_switched.ok
+
+
 class Receipt(_Model):
     """The ledger entry of one erasure request: the request, its status and the evidence."""
 
@@ -90,6 +114,10 @@ class Receipt(_Model):
     stages: dict[str, float] = Field(default_factory=dict, description="seconds spent per stage")
     purged: list[PurgeEntry] = Field(default_factory=list, description="superseded versions deleted and when")
     replicas_switched_at: datetime | None = Field(None, description="when every serving replica dropped the old adapter")
+    completed_at: datetime | None = Field(
+        None, description="when the erasure was verified complete: every check of 'completion' held ('published' "
+        "only says the adapter is live)")
+    completion: Completion | None = Field(None, description="the last completeness check: each condition and what it found")
     error: str | None = Field(None, description="why it failed or was rejected")
     redacted_at: datetime | None = Field(
         None, description="when subject names, record ids, replacement text and the error were replaced by "

@@ -14,13 +14,14 @@ Write protocol (why a half-written version is never visible):
   read), and every HEAD.json carries its time so two HEADs never share an ETag.
 
 One module per resource, each a part of :class:`TenantStore`: ``tenants``, ``datasets``, ``adapters``
-(and HEAD), ``base_models``, ``ledger`` (receipts), ``purge``, ``keys``; ``base`` holds what they share,
-``imports`` what an import accepts.
+(and HEAD), ``base_models``, ``ledger`` (receipts), ``purge``, ``completion`` (what a complete erasure is
+checked against), ``keys``; ``base`` holds what they share, ``imports`` what an import accepts.
 """
 
 from tenants.store.adapters import AdaptersMixin
 from tenants.store.base import ADAPTER_WEIGHTS, CLAIM_FILE, ORPHAN_SECONDS, StoreBase
 from tenants.store.base_models import BaseModelsMixin
+from tenants.store.completion import CompletionMixin
 from tenants.store.datasets import DatasetsMixin
 from tenants.store.imports import ImportCheck, adapter_files, imported_config, lora_from_peft_config
 from tenants.store.keys import KeysMixin
@@ -29,8 +30,8 @@ from tenants.store.purge import PurgeMixin
 from tenants.store.tenants import TenantsMixin
 
 
-class TenantStore(TenantsMixin, DatasetsMixin, AdaptersMixin, BaseModelsMixin, LedgerMixin, PurgeMixin, KeysMixin,
-                  StoreBase):
+class TenantStore(TenantsMixin, DatasetsMixin, AdaptersMixin, BaseModelsMixin, LedgerMixin, PurgeMixin,
+                  CompletionMixin, KeysMixin, StoreBase):
     """All persistent state of the service, in one S3 bucket under one prefix (docs/architecture.md#s3-layout).
     
     ``client`` may be any object with boto3's S3 client methods (tests wrap one to inject faults).

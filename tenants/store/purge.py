@@ -4,7 +4,7 @@ object versions on a versioned bucket), orphaned uploads, and redacting receipts
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -94,27 +94,30 @@ class PurgeMixin(StoreBase):
         """Delete version directories without a commit marker, untouched for ``orphan_seconds``."""
         entries = []
         cutoff = now - timedelta(seconds=self.orphan_seconds)
-        for kind, root, marker in (
-            ("adapter-partial", self.layout.adapters_root(tenant), ADAPTER_MANIFEST),
-            ("data-partial", self.layout.data_root(tenant), DATA_MANIFEST),
-        ):
+        for kind, root, version, infos in self.uncommitted(tenant):
+            if version in protected or max(i.last_modified for i in infos) > cutoff:
+                continue  # possibly an upload still in flight
+            count = 0 if dry_run else self.io.delete_keys([i.key for i in infos])
+            entries.append(PurgeEntry(kind=f"{kind}-partial", version=version, key=f"{root}{version}/", objects=count,
+                                      deleted_at=utcnow()))
+        return entries
+
+    def uncommitted(self, tenant: str) -> Iterator[tuple[str, str, str, list[Any]]]:
+        """(kind, root, version, its objects but the claim) of each version directory that holds files
+        but no commit marker: an upload that never committed, or a purge interrupted after the marker."""
+        for kind, root, marker in (("adapter", self.layout.adapters_root(tenant), ADAPTER_MANIFEST),
+                                   ("data", self.layout.data_root(tenant), DATA_MANIFEST)):
             groups: dict[str, list[Any]] = {}
             for info in self.io.list(root):
                 name = self.layout.child_name(root, info.key)
                 if name:
                     groups.setdefault(name, []).append(info)
             for version, infos in sorted(groups.items()):
-                if version in protected or any(i.key == f"{root}{version}/{marker}" for i in infos):
+                if any(i.key == f"{root}{version}/{marker}" for i in infos):
                     continue
                 infos = [i for i in infos if i.key != f"{root}{version}/{CLAIM_FILE}"]  # claims stay
-                if not infos:
-                    continue
-                if max(i.last_modified for i in infos) > cutoff:
-                    continue  # possibly an upload still in flight
-                count = 0 if dry_run else self.io.delete_keys([i.key for i in infos])
-                entries.append(PurgeEntry(kind=kind, version=version, key=f"{root}{version}/", objects=count,
-                                          deleted_at=utcnow()))
-        return entries
+                if infos:
+                    yield kind, root, version, infos
 
     def redact_receipts(self, tenant: str, now: datetime | None = None) -> list[str]:
         """Redact the published and rejected receipts that ended more than
@@ -152,21 +155,7 @@ class PurgeMixin(StoreBase):
         the key of each version deleted."""
         if not self.bucket_versioned():
             return []
-        latest: dict[str, bool] = {}  # key -> its latest entry is a delete marker
-        versions: list[tuple[str, str, bool]] = []  # (key, version id, is latest)
-        kwargs: dict[str, Any] = {"Bucket": self.settings.bucket, "Prefix": self.layout.tenant_dir(tenant)}
-        while True:
-            page = self.io.call("list_object_versions", **kwargs)
-            for marker, items in ((False, page.get("Versions", [])), (True, page.get("DeleteMarkers", []))):
-                for item in items:
-                    versions.append((item["Key"], item["VersionId"], bool(item.get("IsLatest"))))
-                    if item.get("IsLatest"):
-                        latest[item["Key"]] = marker
-            if not page.get("IsTruncated"):
-                break
-            kwargs.update(KeyMarker=page.get("NextKeyMarker"), VersionIdMarker=page.get("NextVersionIdMarker"))
-        doomed = [(key, version) for key, version, is_latest in versions
-                  if not is_latest or latest.get(key, True)]  # a key whose latest is a marker goes whole
+        doomed = self._hidden_versions(self.layout.tenant_dir(tenant))
         for start in range(0, len(doomed), 1000):
             batch = doomed[start:start + 1000]
             response = self.io.call("delete_objects", Bucket=self.settings.bucket, Delete={
@@ -178,3 +167,29 @@ class PurgeMixin(StoreBase):
         if doomed:
             logger.info("tenant %s: deleted %d noncurrent object versions and delete markers", tenant, len(doomed))
         return [key for key, _ in doomed]
+
+    def hidden_copies(self, tenant: str) -> int:
+        """How many noncurrent object versions and delete markers lie under ``tenant``'s adapter and data
+        versions (0 on an unversioned bucket): what a purge deleted but the bucket still keeps."""
+        if not self.bucket_versioned():
+            return 0
+        roots = (self.layout.adapters_root(tenant), self.layout.data_root(tenant))
+        return sum(len(self._hidden_versions(root)) for root in roots)
+
+    def _hidden_versions(self, prefix: str) -> list[tuple[str, str]]:
+        """(key, version id) of every hidden copy under ``prefix``: noncurrent versions, and every version
+        of a key whose latest entry is a delete marker (the marker included)."""
+        latest: dict[str, bool] = {}  # key -> its latest entry is a delete marker
+        versions: list[tuple[str, str, bool]] = []  # (key, version id, is latest)
+        kwargs: dict[str, Any] = {"Bucket": self.settings.bucket, "Prefix": prefix}
+        while True:
+            page = self.io.call("list_object_versions", **kwargs)
+            for marker, items in ((False, page.get("Versions", [])), (True, page.get("DeleteMarkers", []))):
+                for item in items:
+                    versions.append((item["Key"], item["VersionId"], bool(item.get("IsLatest"))))
+                    if item.get("IsLatest"):
+                        latest[item["Key"]] = marker
+            if not page.get("IsTruncated"):
+                break
+            kwargs.update(KeyMarker=page.get("NextKeyMarker"), VersionIdMarker=page.get("NextVersionIdMarker"))
+        return [(key, version) for key, version, is_latest in versions if not is_latest or latest.get(key, True)]

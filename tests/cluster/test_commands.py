@@ -42,8 +42,9 @@ def test_tenants_train_then_erase_locally(configured, tiny_base, tmp_path, capsy
     assert eraser(["tenants", "erase", "acme", "--request", str(tmp_path / "r.json"), "--local",
                    "--purge-grace", "0"]) == 0
     out = capsys.readouterr().out
-    assert "cli-1" in out and "published" in out and "v000001 -> v000002" in out
-    assert store.get_receipt("acme", "cli-1").status == ReceiptStatus.published
+    assert "cli-1" in out and "published" in out and "v000001 -> v000002" in out and "; complete" in out
+    receipt = store.get_receipt("acme", "cli-1")
+    assert receipt.status == ReceiptStatus.published and receipt.completed_at is not None
     assert store.get_head("acme")[0].adapter == "v000002"
 
     assert eraser(["tenants", "train", "acme", "--local"]) == 2  # HEAD exists: one line, exit 2

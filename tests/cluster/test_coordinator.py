@@ -81,6 +81,7 @@ def test_erasure_publishes_versions_moves_head_purges_and_completes_the_receipt(
     assert {"queued_s", "load_s", "influence_s", "verify_s", "publish_s", "total_s"} <= set(receipt.stages)
     assert {(p.kind, p.version) for p in receipt.purged} == {("adapter", "v000001"), ("data", "d000001")}
     assert receipt.published_at is not None and receipt.replicas_switched_at is not None
+    assert receipt.completed_at is not None and receipt.completion.ok  # each condition checked, not assumed
     assert calls == [("acme", "v000002")]
 
 

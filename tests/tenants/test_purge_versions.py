@@ -98,3 +98,21 @@ def test_a_redacted_receipt_leaves_no_version_in_clear(vstore, tmp_path):
     assert len(all_versions(store, key)) == 1
     (body,) = bytes_of_every_version(store, key)
     assert b"user1" not in body and b'"r1"' not in body and b"redacted_at" in body
+
+
+def test_completeness_fails_while_a_deleted_version_survives_as_a_hidden_copy(vstore, tmp_path):
+    store = vstore
+    d1, v1, d2, v2 = erase_r1(store, tmp_path)
+    head, _ = store.get_head("acme")
+    receipt = store.get_receipt("acme", "req-1")
+    # deleted as purge does, but the noncurrent versions it sweeps afterwards are left
+    for prefix, marker in ((store.layout.adapter_dir("acme", v1), store.layout.adapter_manifest("acme", v1)),
+                           (store.layout.data_dir("acme", d1), store.layout.data_manifest("acme", d1))):
+        store.io.delete_prefix(prefix, first=marker, keep={prefix + "_claim.json"})
+
+    _, versions = store.check_completion("acme", head, [receipt])["req-1"]
+    assert not versions.ok and "hidden object version(s) left" in versions.detail
+
+    store.purge("acme", v2, d2, older_than=0)
+    _, versions = store.check_completion("acme", head, [receipt])["req-1"]
+    assert versions.ok and versions.detail.endswith("no hidden copy")
