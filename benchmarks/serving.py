@@ -13,7 +13,9 @@ one ``/v1/completions`` request (a fixed prompt, 16 tokens, temperature 0, ``ign
 answer is 16 tokens), waits for it, draws the next tenant (uniform, or Zipf with s=1.1 over the N
 tenants, fixed seed) and sends again. After a pre-warm (one request per tenant) and a warm-up, the
 requests that end inside a fixed window give requests/s, completion tokens/s, p50/p99 latency and
-failures.
+failures. Each replica count is one deployment; its configurations run ``--repeats`` times, in
+alternating order (ascending, then descending) so a drift in the machine's load does not favour one
+end of the grid, and the table gives the median with the range of the passes.
 
 **Base only** (0 adapters): the ingress exposes no base model (a key reaches only its tenant's
 adapter). The benchmark deploys the same application with one change, :class:`BenchEngineServer`: a
@@ -29,7 +31,7 @@ the switch was reported done, and per switch the seconds from the HEAD move to e
 the new version and to every replica having dropped the old one (the board's switch reports).
 
     python -m benchmarks.serving --preset quick          # base, 1, 8 adapters, 1 replica, short (a few minutes)
-    python -m benchmarks.serving                         # full: 0,1,8,64,256 x uniform,zipf x 1,2 replicas
+    python -m benchmarks.serving                         # full: 0,1,8,64,256 x uniform,zipf x 1,2 replicas, 3 passes
     python -m benchmarks.serving --adapters 0 1 64 --replicas 1 --duration-s 30
 
 Writes ``benchmarks/results/serving/results.json`` (provenance: versions, commit, machine, load) and
@@ -75,9 +77,9 @@ TARGETS = {"adapters_64_vs_1": 0.8, "switch_failures": 0, "switch_every_replica_
 
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": dict(adapters=(0, 1, 8), popularity=POPULARITY, replicas=(1,), concurrency=8, warmup_s=3.0,
-                  duration_s=10.0, switches=3, switch_interval_s=3.0, switch_tenants=4),
+                  duration_s=10.0, repeats=1, switches=3, switch_interval_s=3.0, switch_tenants=4),
     "full": dict(adapters=(0, 1, 8, 64, 256), popularity=POPULARITY, replicas=(1, 2), concurrency=16, warmup_s=5.0,
-                 duration_s=20.0, switches=6, switch_interval_s=4.0, switch_tenants=8),
+                 duration_s=20.0, repeats=3, switches=6, switch_interval_s=4.0, switch_tenants=8),
 }
 
 
@@ -91,6 +93,7 @@ class Options:
     concurrency: int = 16  # closed-loop client threads
     warmup_s: float = 5.0  # load before the measured window (not counted)
     duration_s: float = 20.0  # the measured window per configuration
+    repeats: int = 3  # passes over each replica count's configurations (alternating order); medians reported
     max_tokens: int = 16  # tokens per answer (ignore_eos: always this many)
     switches: int = 6  # adapter switches in the switch stream (0 = none)
     switch_interval_s: float = 4.0  # pause between two switches
@@ -109,6 +112,8 @@ class Options:
             raise ValueError(f"popularity must be among {POPULARITY}, got {self.popularity}")
         if not self.replicas or any(r < 1 for r in self.replicas):
             raise ValueError(f"replicas must be counts >= 1, got {self.replicas}")
+        if self.repeats < 1:
+            raise ValueError(f"repeats must be >= 1, got {self.repeats}")
         if self.concurrency < 1 or self.duration_s <= 0 or self.warmup_s < 0 or self.max_tokens < 1:
             raise ValueError(f"concurrency {self.concurrency}, duration_s {self.duration_s}, warmup_s "
                              f"{self.warmup_s}, max_tokens {self.max_tokens}: need >= 1, > 0, >= 0, >= 1")
@@ -209,15 +214,45 @@ def summarize(samples: Sequence[Sample], start: float, end: float) -> dict[str, 
     }
 
 
-def check_targets(rows: Sequence[dict], switch_runs: Sequence[dict]) -> dict[str, Any]:
-    """Each target, per replica count and popularity where it applies: value, target, met (None: not measured)."""
+def aggregate(runs: Sequence[dict]) -> list[dict]:
+    """One row per configuration from its repeats: medians of the per-repeat numbers, failures summed,
+    requests/s min and max (the spread between repeats on this machine)."""
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        groups.setdefault((run["replicas"], run["adapters"], run["popularity"]), []).append(run)
+    rows = []
+    for (replicas, adapters, popularity), found in sorted(groups.items()):
+        rates = [r["requests_per_s"] for r in found]
+        rows.append({
+            "replicas": replicas, "adapters": adapters, "popularity": popularity, "repeats": len(found),
+            **{k: percentile([r[k] for r in found if k in r], 50)
+               for k in ("requests_per_s", "tokens_per_s", "p50_s", "p99_s", "prewarm_s", "cpu_cores_used",
+                         "cpu_ms_per_request")},
+            "requests_per_s_min": min(rates), "requests_per_s_max": max(rates),
+            "requests": sum(r["requests"] for r in found), "failures": sum(r["failures"] for r in found),
+            "load_average_1m": [r["load_average_after"][0] for r in found],
+        })
+    return rows
+
+
+def check_targets(rows: Sequence[dict], switch_runs: Sequence[dict], runs: Sequence[dict] = ()) -> dict[str, Any]:
+    """Each target, per replica count and popularity where it applies: value, target, met (None: not measured).
+    The 64-vs-1 ratio is judged on the medians; ``per_pass`` gives it within each pass of ``runs`` too."""
     found: dict[str, Any] = {}
     single = {r["replicas"]: r for r in rows if r["adapters"] == 1}
     for row in rows:
         if row["adapters"] == 64 and row["replicas"] in single:
             ratio = row["requests_per_s"] / single[row["replicas"]]["requests_per_s"]
+            per_pass = []
+            for one in runs:
+                if (one["replicas"], one["adapters"], one["popularity"]) == (row["replicas"], 64, row["popularity"]):
+                    base = next((r for r in runs if r["replicas"] == row["replicas"] and r["adapters"] == 1
+                                 and r.get("repeat") == one.get("repeat")), None)
+                    if base and base["requests_per_s"]:
+                        per_pass.append(one["requests_per_s"] / base["requests_per_s"])
             found[f"64 adapters ({row['popularity']}, {row['replicas']} replica(s)) vs 1"] = {
-                "value": ratio, "target": f">= {TARGETS['adapters_64_vs_1']}", "met": ratio >= TARGETS["adapters_64_vs_1"]}
+                "value": ratio, "target": f">= {TARGETS['adapters_64_vs_1']}", "met": ratio >= TARGETS["adapters_64_vs_1"],
+                "per_pass": per_pass}
     for run in switch_runs:
         label = f"{run['replicas']} replica(s)"
         failures = run["load"]["failures"]
@@ -453,21 +488,52 @@ def closed_loop(clients: Clients, tenants: Sequence[str], popularity: str, concu
     return samples
 
 
+def cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process and every live descendant: the clients, Ray (raylet,
+    workers, Serve replicas), the vLLM engine processes and SeaweedFS. Other work on the machine is not in it."""
+    import psutil
+
+    total = 0.0
+    me = psutil.Process()
+    for process in [me, *me.children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+            total += times.user + times.system
+        except psutil.Error:  # exited meanwhile
+            pass
+    return total
+
+
 def measure(options: Options, clients: Clients, world: World, point: Point) -> dict[str, Any]:
     tenants = [BASE_TENANT] if point.adapters == 0 else [world.tenant(i) for i in range(point.adapters)]
     popularity = "uniform" if point.popularity == "-" else point.popularity
     prewarm_s, prewarm_failures = prewarm(clients, tenants, options.concurrency)
     load_before = os.getloadavg()
     began = time.perf_counter()
+    start, end = began + options.warmup_s, began + options.warmup_s + options.duration_s
+    cpu: list[float] = []
+
+    def account() -> None:  # our CPU seconds at the window's start and end
+        for at in (start, end):
+            time.sleep(max(0.0, at - time.perf_counter()))
+            cpu.append(cpu_seconds())
+
+    accountant = threading.Thread(target=account, daemon=True)
+    accountant.start()
     samples = closed_loop(clients, tenants, popularity, options.concurrency, options.warmup_s + options.duration_s,
                           options.seed)
-    start = began + options.warmup_s
+    accountant.join()
     row = {**asdict(point), "concurrency": options.concurrency, "prewarm_s": prewarm_s,
-           "prewarm_failures": prewarm_failures, **summarize(samples, start, start + options.duration_s),
+           "prewarm_failures": prewarm_failures, **summarize(samples, start, end),
            "load_average_before": load_before, "load_average_after": os.getloadavg(), "replica_view": replica_view()}
-    logger.info("%d replica(s), %s, %s: %.1f req/s, %.0f tok/s, p50 %.0f ms, p99 %.0f ms, %d failed (%d tenants seen)",
+    used = cpu[1] - cpu[0]
+    row["cpu_cores_used"] = used / options.duration_s  # of the machine's cores: < cores means others took them
+    row["cpu_ms_per_request"] = 1000 * used / row["requests"] if row["requests"] else math.nan
+    logger.info("%d replica(s), %s, %s: %.1f req/s, %.0f tok/s, p50 %.0f ms, p99 %.0f ms, %d failed (%d tenants "
+                "seen); our processes used %.2f cores, %.0f CPU ms/request; load average %.0f",
                 point.replicas, label_adapters(point.adapters), point.popularity, row["requests_per_s"],
-                row["tokens_per_s"], 1000 * row["p50_s"], 1000 * row["p99_s"], row["failures"], row["tenants_seen"])
+                row["tokens_per_s"], 1000 * row["p50_s"], 1000 * row["p99_s"], row["failures"], row["tenants_seen"],
+                row["cpu_cores_used"], row["cpu_ms_per_request"], row["load_average_after"][0])
     return row
 
 
@@ -559,13 +625,17 @@ def label_adapters(n: int) -> str:
 
 def table(rows: Sequence[dict]) -> str:
     single = {r["replicas"]: r["requests_per_s"] for r in rows if r["adapters"] == 1}
-    lines = ["| replicas | adapters | popularity | req/s | tokens/s | p50 ms | p99 ms | failed | vs 1 adapter | pre-warm s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| replicas | adapters | popularity | req/s (range) | tokens/s | p50 ms | p99 ms | failed | vs 1 adapter | "
+             "CPU ms/req | cores used | pre-warm s | load 1 min |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = r["requests_per_s"] / single[r["replicas"]] if single.get(r["replicas"]) else math.nan
+        spread = (f" ({r['requests_per_s_min']:.1f}-{r['requests_per_s_max']:.1f})"
+                  if r.get("repeats", 1) > 1 else "")
+        load = "/".join(f"{x:.0f}" for x in r.get("load_average_1m", []))
         lines.append(f"| {r['replicas']} | {label_adapters(r['adapters'])} | {r['popularity']} | "
-                     f"{r['requests_per_s']:.1f} | {r['tokens_per_s']:.0f} | {1000 * r['p50_s']:.0f} | "
-                     f"{1000 * r['p99_s']:.0f} | {r['failures']} | {ratio:.2f} | {r['prewarm_s']:.1f} |")
+                     f"{r['requests_per_s']:.1f}{spread} | {r['tokens_per_s']:.0f} | {1000 * r['p50_s']:.0f} | "
+                     f"{1000 * r['p99_s']:.0f} | {r['failures']} | {ratio:.2f} | {r.get('cpu_ms_per_request', math.nan):.0f} | "
+                     f"{r.get('cpu_cores_used', math.nan):.2f} | {r['prewarm_s']:.1f} | {load} |")
     return "\n".join(lines)
 
 
@@ -594,7 +664,8 @@ def targets_text(found: dict[str, Any]) -> str:
         value = t["value"]
         shown = "-" if value is None else (f"{value:.2f}" if isinstance(value, float) else str(value))
         verdict = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
-        lines.append(f"- {name}: {shown} (target {t['target']}): {verdict}")
+        passes = f" (per pass: {', '.join(f'{x:.2f}' for x in t['per_pass'])})" if t.get("per_pass") else ""
+        lines.append(f"- {name}: {shown}{passes} (target {t['target']}): {verdict}")
     return "\n".join(lines)
 
 
@@ -608,20 +679,23 @@ def plot(rows: Sequence[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for replicas in sorted({r["replicas"] for r in rows}):
         for popularity in ("uniform", "zipf"):
-            xs, ys = [], []
+            xs, ys, low, high = [], [], [], []
             for i, n in enumerate(counts):
                 row = next((r for r in rows if r["replicas"] == replicas and r["adapters"] == n
                             and r["popularity"] in ("-", popularity)), None)
                 if row is not None:
-                    xs.append(i)
+                    xs.append(i + (0.04 if popularity == "zipf" else 0))
                     ys.append(row["requests_per_s"])
+                    low.append(row["requests_per_s"] - row.get("requests_per_s_min", row["requests_per_s"]))
+                    high.append(row.get("requests_per_s_max", row["requests_per_s"]) - row["requests_per_s"])
             if any(r["popularity"] == popularity for r in rows) or (popularity == "uniform" and xs):
-                ax.plot(xs, ys, marker="o", linestyle="-" if popularity == "uniform" else "--",
-                        label=f"{replicas} replica{'s' if replicas > 1 else ''}, {popularity}")
+                ax.errorbar(xs, ys, yerr=[low, high], marker="o", capsize=3,
+                            linestyle="-" if popularity == "uniform" else "--",
+                            label=f"{replicas} replica{'s' if replicas > 1 else ''}, {popularity}")
     ax.set_xticks(range(len(counts)), [label_adapters(n).replace(" adapters", "").replace(" adapter", "")
                                        for n in counts])
     ax.set_xlabel("tenant adapters in use (base = no LoRA on the request)")
-    ax.set_ylabel("requests/s (16 tokens each)")
+    ax.set_ylabel("requests/s (16 tokens each); bars: min-max of repeats")
     ax.set_title("Serving throughput by number of adapters (vLLM CPU, 2 shared cores)")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
@@ -640,7 +714,6 @@ def run(options: Options, argv: Sequence[str] | None) -> dict[str, Any]:
     import ray
     from ray import serve
 
-    from benchmarks import provenance
     from tenants.embedded import EmbeddedS3
     from tenants.store import TenantStore
 
@@ -650,9 +723,14 @@ def run(options: Options, argv: Sequence[str] | None) -> dict[str, Any]:
     logger.info("%d configurations: %s", len(points), ", ".join(
         f"{p.replicas}r/{label_adapters(p.adapters)}/{p.popularity}" for p in points))
     root = Path(tempfile.mkdtemp(prefix="bench-serving-"))
-    rows: list[dict] = []
+    runs: list[dict] = []
     switch_runs: list[dict] = []
     deploys: dict[int, float] = {}
+    ray_cpus = max(2, math.ceil(max(options.replicas) * options.engine_num_cpus + 1))
+
+    def result(complete: bool) -> dict[str, Any]:
+        return document(options, argv, runs, switch_runs, deploys, ray_cpus, time.perf_counter() - started, complete)
+
     server = EmbeddedS3(root / "s3")
     server.start()
     try:
@@ -664,8 +742,7 @@ def run(options: Options, argv: Sequence[str] | None) -> dict[str, Any]:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        # logical CPUs: every engine replica and the ingress fit, though the machine has what it has
-        ray_cpus = max(2, math.ceil(max(options.replicas) * options.engine_num_cpus + 1))
+        # logical CPUs (ray_cpus): every engine replica and the ingress fit, though the machine has what it has
         ray.init(address="local", num_cpus=ray_cpus, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
                                            "PYTHONPATH": str(REPO)}})
@@ -677,18 +754,32 @@ def run(options: Options, argv: Sequence[str] | None) -> dict[str, Any]:
                 logger.info("deploying the application with %d engine replica(s)", replicas)
                 deploys[replicas] = deploy(serve_config(options, world, replicas), replicas, port)
                 logger.info("%d engine replica(s) running after %.0fs", replicas, deploys[replicas])
-                for point in (p for p in points if p.replicas == replicas):
-                    rows.append(measure(options, clients, world, point))
+                block = [p for p in points if p.replicas == replicas]
+                for repeat in range(options.repeats):  # alternate the order: drift in the load cancels
+                    for point in (block if repeat % 2 == 0 else block[::-1]):
+                        runs.append({**measure(options, clients, world, point), "repeat": repeat})
+                        save(result(False), Path(options.out))  # a run cut short still leaves its numbers
                 if options.switches:
                     switch_runs.append(switch_stream(options, clients, world, replicas, round_))
+                    save(result(False), Path(options.out))
             clients.close()
         finally:
             serve.shutdown()
             ray.shutdown()
     finally:
         server.stop()
+    return result(True)
+
+
+def document(options: Options, argv: Sequence[str] | None, runs: list[dict], switch_runs: list[dict],
+             deploys: dict[int, float], ray_cpus: int, elapsed_s: float, complete: bool) -> dict[str, Any]:
+    """The results JSON: provenance, setup, every pass (``runs``), their medians (``rows``), switches, targets."""
+    from benchmarks import provenance
+
+    rows = aggregate(runs)
     return {
-        "benchmark": "serving", "argv": list(argv) if argv is not None else None, "options": asdict(options),
+        "benchmark": "serving", "complete": complete, "argv": list(argv) if argv is not None else None,
+        "options": asdict(options),
         "versions": {**provenance.versions(), **_serving_versions()}, "machine": provenance.machine(),
         "setup": {
             "base": "tiny Llama built locally (hidden 128, 2 layers, 4 heads of 32, vocab 512), float32",
@@ -704,9 +795,9 @@ def run(options: Options, argv: Sequence[str] | None) -> dict[str, Any]:
                           "SeaweedFS: two replicas measure routing and overhead, not scaling",
             "deploy_s": deploys,
         },
-        "elapsed_s": time.perf_counter() - started,
-        "rows": rows, "switch_runs": switch_runs,
-        "targets": check_targets(rows, switch_runs), "anchors": ANCHORS,
+        "elapsed_s": elapsed_s,
+        "rows": rows, "runs": runs, "switch_runs": switch_runs,
+        "targets": check_targets(rows, switch_runs, runs), "anchors": ANCHORS,
     }
 
 
@@ -733,6 +824,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, help="closed-loop client threads")
     parser.add_argument("--warmup-s", type=float, help="seconds of load before each measured window")
     parser.add_argument("--duration-s", type=float, help="measured seconds per configuration")
+    parser.add_argument("--repeats", type=int, help="passes over the configurations (alternating order)")
     parser.add_argument("--max-tokens", type=int, help="tokens per answer")
     parser.add_argument("--switches", type=int, help="adapter switches in the switch stream (0 = skip it)")
     parser.add_argument("--switch-interval-s", type=float, help="seconds between switches")
@@ -741,6 +833,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-cpu-loras", type=int, help="vLLM adapters kept loaded (LRU beyond)")
     parser.add_argument("--engine-num-cpus", type=float, help="Ray CPUs reserved per engine replica")
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--report", metavar="JSON", help="run nothing: recompute the medians and targets of a results "
+                        "JSON from its passes, rewrite it and its plot, and print the tables")
     parser.add_argument("--out", help=f"results JSON (the plot goes next to it; default {RESULTS / 'results.json'})")
     return parser.parse_args(argv)
 
@@ -748,25 +842,44 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def options_from(args: argparse.Namespace) -> Options:
     from benchmarks.provenance import options_from_args
 
+    args = argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "report"})
+
     for name in ("adapters", "popularity", "replicas"):
         if getattr(args, name) is not None:
             setattr(args, name, tuple(getattr(args, name)))
     return options_from_args(Options, PRESETS, args)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    options = options_from(args)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
-    logger.setLevel(logging.INFO)
-    result = run(options, argv)
-    out = Path(options.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+def save(result: dict[str, Any], out: Path) -> None:
+    """The JSON at ``out`` and, once there are rows, the plot next to it (``throughput.png``)."""
     from benchmarks.provenance import json_safe
 
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(json_safe(result), indent=2, default=str))
     if result["rows"]:
         plot(result["rows"], out.with_name("throughput.png"))
+
+
+def rereport(path: Path) -> dict[str, Any]:
+    """A results JSON with its medians and targets recomputed from its passes by this code."""
+    result = json.loads(path.read_text())
+    result["rows"] = aggregate(result["runs"])
+    result["targets"] = check_targets(result["rows"], result["switch_runs"], result["runs"])
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    logger.setLevel(logging.INFO)
+    if args.report:
+        out = Path(args.report)
+        result = rereport(out)
+    else:
+        options = options_from(args)
+        result = run(options, argv)
+        out = Path(options.out)
+    save(result, out)
     print(table(result["rows"]))
     if result["switch_runs"]:
         print()

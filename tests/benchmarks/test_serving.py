@@ -20,6 +20,7 @@ from benchmarks.serving import (
     Point,
     Sample,
     TenantPicker,
+    aggregate,
     check_targets,
     grid,
     options_from,
@@ -154,3 +155,46 @@ def test_help_runs():
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "--preset" in done.stdout and "--adapters" in done.stdout
+
+
+def test_aggregate_takes_medians_over_repeats():
+    runs = [{**row(1, 8, "zipf", rps), "requests": 100, "failures": f, "load_average_after": (load, 0, 0)}
+            for rps, f, load in [(10.0, 0, 3.0), (14.0, 1, 5.0), (12.0, 0, 4.0)]]
+    runs.append({**row(1, 1, "-", 20.0), "requests": 50, "failures": 0, "load_average_after": (2.0, 0, 0)})
+    rows = aggregate(runs)
+    assert [(r["adapters"], r["repeats"]) for r in rows] == [(1, 1), (8, 3)]
+    eight = rows[1]
+    assert (eight["requests_per_s"], eight["requests_per_s_min"], eight["requests_per_s_max"]) == (12.0, 10.0, 14.0)
+    assert (eight["requests"], eight["failures"], eight["load_average_1m"]) == (300, 1, [3.0, 5.0, 4.0])
+    assert "| 1 | 8 adapters | zipf | 12.0 (10.0-14.0) |" in table(rows)
+
+
+def test_the_64_adapter_ratio_within_each_pass():
+    runs = [{**row(1, n, p, rps), "repeat": k} for k, (one, many) in enumerate([(10.0, 9.0), (20.0, 10.0)])
+            for n, p, rps in [(1, "-", one), (64, "uniform", many)]]
+    found = check_targets(aggregate([{**r, "requests": 1, "failures": 0, "load_average_after": (1, 0, 0)}
+                                     for r in runs]), [], runs)
+    target = found["64 adapters (uniform, 1 replica(s)) vs 1"]
+    assert target["per_pass"] == [0.9, 0.5]
+    assert math.isclose(target["value"], 9.5 / 15.0) and target["met"] is False
+
+
+def test_report_recomputes_a_results_json_and_plots_it(tmp_path, capsys):
+    import json
+
+    from benchmarks.serving import main
+
+    runs = [{**row(r, n, p, rps), "repeat": 0, "requests": 10, "failures": 0, "load_average_after": (1.0, 0, 0)}
+            for r in (1, 2) for n, p, rps in [(0, "-", 12.0), (1, "-", 10.0), (64, "uniform", 9.0), (64, "zipf", 8.0)]]
+    switch = {"replicas": 1, "load": {"requests": 50, "failures": 0}, "stale_after_done": 0,
+              "switches": [{"every_replica_serving_s": 0.3, "every_replica_dropped_s": 0.5, "complete": True,
+                            "publish_s": 0.1}]}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"runs": runs, "switch_runs": [switch], "rows": [], "targets": {}}))
+    assert main(["--report", str(path)]) == 0
+    written = json.loads(path.read_text())
+    assert len(written["rows"]) == 8
+    assert written["targets"]["64 adapters (uniform, 2 replica(s)) vs 1"]["met"] is True
+    assert (tmp_path / "throughput.png").stat().st_size > 1000
+    printed = capsys.readouterr().out
+    assert "| 2 | 64 adapters | zipf | 8.0 |" in printed and "Anchors" in printed
