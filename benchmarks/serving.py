@@ -488,20 +488,27 @@ def closed_loop(clients: Clients, tenants: Sequence[str], popularity: str, concu
     return samples
 
 
-def cpu_seconds() -> float:
-    """CPU seconds (user + system) of this process and every live descendant: the clients, Ray (raylet,
-    workers, Serve replicas), the vLLM engine processes and SeaweedFS. Other work on the machine is not in it."""
+ROLES = (("VLLM", "vllm"), ("EngineServer", "engine replica"), ("Ingress", "ingress"), ("ProxyActor", "http proxy"),
+         ("weed", "s3"))
+
+
+def cpu_seconds() -> dict[str, float]:
+    """CPU seconds (user + system) of this process (the clients) and every live descendant (Ray's raylet,
+    workers and Serve replicas, the vLLM engine processes, SeaweedFS), by role. Other work on the machine
+    is not in it."""
     import psutil
 
-    total = 0.0
     me = psutil.Process()
+    found: dict[str, float] = {}
     for process in [me, *me.children(recursive=True)]:
         try:
             times = process.cpu_times()
-            total += times.user + times.system
+            text = " ".join(process.cmdline()[:3]) if process.pid != me.pid else ""
         except psutil.Error:  # exited meanwhile
-            pass
-    return total
+            continue
+        role = "clients" if process.pid == me.pid else next((r for key, r in ROLES if key in text), "ray other")
+        found[role] = found.get(role, 0.0) + times.user + times.system
+    return found
 
 
 def measure(options: Options, clients: Clients, world: World, point: Point) -> dict[str, Any]:
@@ -511,7 +518,7 @@ def measure(options: Options, clients: Clients, world: World, point: Point) -> d
     load_before = os.getloadavg()
     began = time.perf_counter()
     start, end = began + options.warmup_s, began + options.warmup_s + options.duration_s
-    cpu: list[float] = []
+    cpu: list[dict[str, float]] = []
 
     def account() -> None:  # our CPU seconds at the window's start and end
         for at in (start, end):
@@ -526,9 +533,12 @@ def measure(options: Options, clients: Clients, world: World, point: Point) -> d
     row = {**asdict(point), "concurrency": options.concurrency, "prewarm_s": prewarm_s,
            "prewarm_failures": prewarm_failures, **summarize(samples, start, end),
            "load_average_before": load_before, "load_average_after": os.getloadavg(), "replica_view": replica_view()}
-    used = cpu[1] - cpu[0]
+    by_role = {role: cpu[1][role] - cpu[0].get(role, 0.0) for role in cpu[1]}
+    used = sum(by_role.values())
     row["cpu_cores_used"] = used / options.duration_s  # of the machine's cores: < cores means others took them
     row["cpu_ms_per_request"] = 1000 * used / row["requests"] if row["requests"] else math.nan
+    row["cpu_ms_per_request_by_role"] = {role: 1000 * v / row["requests"] if row["requests"] else math.nan
+                                         for role, v in sorted(by_role.items())}
     logger.info("%d replica(s), %s, %s: %.1f req/s, %.0f tok/s, p50 %.0f ms, p99 %.0f ms, %d failed (%d tenants "
                 "seen); our processes used %.2f cores, %.0f CPU ms/request; load average %.0f",
                 point.replicas, label_adapters(point.adapters), point.popularity, row["requests_per_s"],
@@ -662,7 +672,7 @@ def targets_text(found: dict[str, Any]) -> str:
     lines = []
     for name, t in found.items():
         value = t["value"]
-        shown = "-" if value is None else (f"{value:.2f}" if isinstance(value, float) else str(value))
+        shown = "-" if value is None else (f"{value:.3f}" if isinstance(value, float) else str(value))
         verdict = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
         passes = f" (per pass: {', '.join(f'{x:.2f}' for x in t['per_pass'])})" if t.get("per_pass") else ""
         lines.append(f"- {name}: {shown}{passes} (target {t['target']}): {verdict}")
@@ -714,6 +724,7 @@ def run(options: Options, argv: Sequence[str] | None) -> dict[str, Any]:
     import ray
     from ray import serve
 
+    from benchmarks import provenance
     from tenants.embedded import EmbeddedS3
     from tenants.store import TenantStore
 
@@ -727,9 +738,11 @@ def run(options: Options, argv: Sequence[str] | None) -> dict[str, Any]:
     switch_runs: list[dict] = []
     deploys: dict[int, float] = {}
     ray_cpus = max(2, math.ceil(max(options.replicas) * options.engine_num_cpus + 1))
+    versions = {**provenance.versions(), **_serving_versions()}  # the code as it was when the run started
 
     def result(complete: bool) -> dict[str, Any]:
-        return document(options, argv, runs, switch_runs, deploys, ray_cpus, time.perf_counter() - started, complete)
+        return document(options, argv, versions, runs, switch_runs, deploys, ray_cpus, time.perf_counter() - started,
+                        complete)
 
     server = EmbeddedS3(root / "s3")
     server.start()
@@ -771,8 +784,9 @@ def run(options: Options, argv: Sequence[str] | None) -> dict[str, Any]:
     return result(True)
 
 
-def document(options: Options, argv: Sequence[str] | None, runs: list[dict], switch_runs: list[dict],
-             deploys: dict[int, float], ray_cpus: int, elapsed_s: float, complete: bool) -> dict[str, Any]:
+def document(options: Options, argv: Sequence[str] | None, versions: dict, runs: list[dict],
+             switch_runs: list[dict], deploys: dict[int, float], ray_cpus: int, elapsed_s: float,
+             complete: bool) -> dict[str, Any]:
     """The results JSON: provenance, setup, every pass (``runs``), their medians (``rows``), switches, targets."""
     from benchmarks import provenance
 
@@ -780,7 +794,7 @@ def document(options: Options, argv: Sequence[str] | None, runs: list[dict], swi
     return {
         "benchmark": "serving", "complete": complete, "argv": list(argv) if argv is not None else None,
         "options": asdict(options),
-        "versions": {**provenance.versions(), **_serving_versions()}, "machine": provenance.machine(),
+        "versions": versions, "machine": provenance.machine(),
         "setup": {
             "base": "tiny Llama built locally (hidden 128, 2 layers, 4 heads of 32, vocab 512), float32",
             "adapters": "random LoRA weights (not trained), rank 8, alpha 16, all linear layers, plain PEFT",
