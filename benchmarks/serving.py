@@ -49,6 +49,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import tempfile
 import threading
 import time
@@ -781,6 +782,7 @@ def run(options: Options, argv: Sequence[str] | None) -> dict[str, Any]:
             ray.shutdown()
     finally:
         server.stop()
+        shutil.rmtree(root, ignore_errors=True)  # the store's data, the adapters, the replicas' copies
     return result(True)
 
 
