@@ -143,6 +143,7 @@ class LoadedVersion:
     ref: AdapterRef
     loaded_at: float  # time.time()
     active: int = 0  # requests holding a lease on it
+    used_at: float = 0.0  # time.monotonic() of the last lease taken or given back
     retired_at: float | None = None  # when a newer version became current
     dropped_at: float | None = None  # when it left the engine and the disk
     dropping: bool = False
@@ -179,11 +180,13 @@ class AdapterRegistry:
         source: AdapterSource,
         *,
         refresh_interval_s: float = 5.0,
+        idle_forget_s: float | None = None,
         replica: str = "replica",
     ) -> None:
         self.engine = engine
         self.source = source
         self.refresh_interval_s = refresh_interval_s
+        self.idle_forget_s = idle_forget_s
         self.replica = replica
         self._ids = itertools.count(1)
         self._current: dict[str, LoadedVersion] = {}
@@ -205,10 +208,12 @@ class AdapterRegistry:
         if loaded is None:
             loaded = await self._load_current(tenant)
         loaded.active += 1  # no await between reading _current and taking the lease
+        loaded.used_at = time.monotonic()
         try:
             yield loaded.ref
         finally:
             loaded.active -= 1
+            loaded.used_at = time.monotonic()
             if loaded.retired_at is not None and loaded.active == 0:
                 self._spawn(self._drop(loaded))
 
@@ -277,7 +282,9 @@ class AdapterRegistry:
         return last if last is not None and last.serving_at == event.serving_at else event
 
     async def refresh_all(self) -> list[SwitchEvent]:
-        """Refresh every tenant this replica holds (errors are logged, the old version keeps serving)."""
+        """Forget the tenants idle past ``idle_forget_s`` (:meth:`forget_idle`), then refresh every tenant
+        this replica still holds (errors are logged, the old version keeps serving)."""
+        await self.forget_idle()
         events = []
         for tenant in list(self._current):
             try:
@@ -285,6 +292,33 @@ class AdapterRegistry:
             except Exception as error:
                 logger.warning("tenant %s: refresh on replica %s failed: %s", tenant, self.replica, error)
         return events
+
+    async def forget_idle(self) -> list[str]:
+        """Drop the versions of tenants no request used for ``idle_forget_s`` seconds (from the engine and
+        the disk), so a replica polls HEAD and keeps adapter files only for tenants it serves now, not
+        for every tenant it ever served; the next request loads HEAD afresh. Returns the tenants dropped."""
+        if self.idle_forget_s is None:
+            return []
+        cutoff = time.monotonic() - self.idle_forget_s
+        forgotten = []
+        for tenant, loaded in list(self._current.items()):
+            if loaded.active or loaded.used_at > cutoff:
+                continue
+            async with self._lock(tenant):
+                if self._current.get(tenant) is not loaded or loaded.active or loaded.used_at > cutoff:
+                    continue  # used, or switched, while we waited for the lock
+                del self._current[tenant]
+                self._last_switch.pop(tenant, None)
+                loaded.retired_at = time.time()
+                self._retired.append(loaded)
+                try:  # under the lock: a request that loads the same version again waits for its files to go
+                    await self._drop(loaded)
+                except Exception:  # logged by _drop; the files go with the replica's cache at the latest
+                    continue
+            forgotten.append(tenant)
+            logger.info("tenant %s: replica %s forgot adapter %s (idle over %gs)", tenant, self.replica,
+                        loaded.version, self.idle_forget_s)
+        return forgotten
 
     def start(self) -> None:
         """Start the background loop that polls HEAD every ``refresh_interval_s`` seconds."""
@@ -320,7 +354,7 @@ class AdapterRegistry:
         metrics.adapter_loaded(tenant, seconds)
         logger.info("tenant %s: adapter %s loaded as lora id %d from %s (%.2fs)",
                     tenant, version, ref.int_id, path, seconds)
-        return LoadedVersion(tenant=tenant, version=version, ref=ref, loaded_at=time.time())
+        return LoadedVersion(tenant=tenant, version=version, ref=ref, loaded_at=time.time(), used_at=time.monotonic())
 
     def _retire(self, old: LoadedVersion, when: float) -> None:
         old.retired_at = when

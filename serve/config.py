@@ -97,6 +97,11 @@ class ServeConfig(BaseSettings):
     refresh_interval_s: float = Field(
         5.0, ge=0, description="each engine replica re-reads the HEAD of the tenants it holds this often (0 = never)"
     )
+    adapter_idle_s: float | None = Field(
+        900.0, gt=0, description="an engine replica forgets a tenant no request used for this long: its adapter "
+        "leaves the engine and the replica's disk, and HEAD is no longer polled for it (the next request loads "
+        "HEAD again); None = never forget (a replica then polls every tenant it ever served)"
+    )
     switch_timeout_s: float = Field(
         120.0, gt=0, description="how long a refresh waits for every replica to drop the old adapter version"
     )

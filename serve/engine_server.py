@@ -50,7 +50,8 @@ class EngineServer:
             engine = VLLMEngine.start(str(model_path), config.engine)
         self.engine = engine
         self.registry = AdapterRegistry(engine, StoreAdapterSource(adapter_store),
-                                        refresh_interval_s=config.refresh_interval_s, replica=self.replica)
+                                        refresh_interval_s=config.refresh_interval_s,
+                                        idle_forget_s=config.adapter_idle_s, replica=self.replica)
         self.registry.start()
         self._board = board
         self._watcher = asyncio.get_running_loop().create_task(self._watch_board()) if board is not None else None

@@ -234,3 +234,34 @@ def test_many_concurrent_requests_across_a_switch_never_touch_a_removed_adapter(
     assert [v["version"] for v in registry.snapshot()["current"].values()] == ["v000003"]
     assert registry.snapshot()["retired"] == []
     assert sorted(p.name for p in (tmp_path / "acme").iterdir()) == ["v000003"]
+
+
+def test_a_tenant_idle_past_the_limit_is_forgotten_and_its_next_request_loads_head_again(tmp_path):
+    engine, source = FakeEngine(), FakeSource(tmp_path, {"acme": "v000001", "beta": "v000001"})
+    registry = AdapterRegistry(engine, source, refresh_interval_s=0, idle_forget_s=0.05, replica="r0")
+
+    async def scenario():
+        await answer(registry, engine, "acme")
+        await answer(registry, engine, "beta")
+        await asyncio.sleep(0.08)
+        engine.gate = asyncio.Event()
+        held = asyncio.create_task(answer(registry, engine, "beta"))  # in use now: kept
+        await asyncio.sleep(0.01)
+        forgotten = await registry.forget_idle()
+        state = (registry.current_version("acme"), registry.current_version("beta"))
+        engine.gate.set()
+        await held
+        source.heads["acme"] = "v000002"  # moved while forgotten: the next request serves HEAD
+        return forgotten, state, await answer(registry, engine, "acme")
+
+    forgotten, state, text = run(scenario())
+    assert forgotten == ["acme"] and state == (None, "v000001")
+    assert not (tmp_path / "acme" / "v000001").exists() and (tmp_path / "beta" / "v000001").exists()
+    assert text.startswith("acme@v000002")
+    assert ("remove", 1) in engine.log
+
+
+def test_forgetting_is_off_by_default_in_the_registry(tmp_path):
+    engine, source, registry = make(tmp_path, {"acme": "v000001"})
+    run(answer(registry, engine, "acme"))
+    assert run(registry.forget_idle()) == [] and registry.current_version("acme") == "v000001"
