@@ -42,6 +42,9 @@ class ErasureBackend(abc.ABC):
     def submit(self, receipt) -> None:
         """Schedule a recorded (pending) erasure, ``receipt: tenants.Receipt``. Idempotent per request id."""
 
+    def close(self) -> None:
+        """Stop what the backend runs in the background (the ingress replica is shutting down)."""
+
     def train(self, tenant: str, data_version: str | None = None) -> dict[str, Any]:
         """Start training the tenant's first adapter on ``data_version`` (None = the latest); returns a
         description of the job. NotImplementedError when this backend does not train."""
@@ -84,6 +87,10 @@ class ClusterBackend(ErasureBackend):
         # Stalled work (lost hand-offs, orphaned or transiently failed requests, due purges, unconfirmed
         # replica switches) is picked up at start and then periodically (cluster.reconciler).
         self.reconciler = service.start_reconciler() if hasattr(service, "start_reconciler") else None
+
+    def close(self) -> None:
+        if self.reconciler is not None:
+            self.reconciler.stop()
 
     def submit(self, receipt) -> None:
         self.service.submit(receipt)  # a coordinator actor schedules its own round

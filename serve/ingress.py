@@ -61,9 +61,13 @@ class Ingress(IngressAuth, OpenAIRoutes, TenantRoutes, AdminRoutes):
         logger.info("ingress ready: store %s, backend %s", settings.describe(), type(self.backend).__name__)
 
     def __del__(self) -> None:
-        """Stop watching key revocations. Serve calls it when the replica shuts down; Python, when the
-        instance is collected. Sync on purpose: Python never awaits an ``async def __del__``."""
+        """Stop watching key revocations and the backend's background work (its reconciler). Serve calls
+        it when the replica shuts down; Python, when the instance is collected. Sync on purpose: Python
+        never awaits an ``async def __del__``."""
         self._stop_watching()
+        backend = getattr(self, "backend", None)
+        if backend is not None:
+            backend.close()
 
     @app.get("/healthz")
     async def healthz(self) -> dict[str, str]:

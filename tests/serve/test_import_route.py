@@ -69,7 +69,8 @@ def ingress(world, s3_server, s3_bucket, tmp_path, monkeypatch):
     this._init_guards()
     this.backend = ClusterBackend(LocalErasureService(settings), BackendContext(
         store_settings=settings, notify_switch=lambda tenant, version: None, app_name="tests"))
-    return this
+    yield this
+    this.backend.close()  # its reconciler would outlive the test (and the S3 server)
 
 
 def post(ingress, tenant: str, body, key: str | None = ADMIN_KEY) -> tuple[int, dict]:

@@ -163,3 +163,17 @@ def test_serve_command_arguments_become_the_config(tmp_path, monkeypatch):
     assert default.engine.model == "m" and default.erasure_backend == "serve.backend:local_cluster_backend"
     remote = config_from_args(parser.parse_args(["serve", "--model", "m", "--address", "10.0.0.1:6379"]))
     assert remote.erasure_backend == "serve.backend:cluster_backend"
+
+
+def test_closing_the_cluster_backend_stops_its_reconciler():
+    from types import SimpleNamespace
+
+    stopped = []
+
+    class WithReconciler(FakeService):
+        def start_reconciler(self):
+            return SimpleNamespace(stop=lambda: stopped.append(True))
+
+    backend = ClusterBackend(WithReconciler(), BackendContext(store_settings=None, notify_switch=None, app_name="a"))
+    backend.close()
+    assert stopped == [True]
