@@ -234,10 +234,12 @@ class OpenAIRoutes:
 
 
 class ClosingStream(StreamingResponse):
-    """A streamed response that calls ``on_close`` however its sending ends. The body's own ``finally``
-    (which frees the tenant's slot and settles its tokens) never runs when the client left before the
-    first byte: an async generator that never started has nothing to close. ``on_close`` must be
-    harmless after the body's own cleanup (``release`` acts once; cancelling a finished stream is a no-op)."""
+    """A streamed response that closes its body and then calls ``on_close`` however its sending ends.
+    Starlette leaves a body whose client went away suspended, so its own ``finally`` (which frees the
+    tenant's slot and settles its tokens to what it generated) would run only when the response is
+    collected; closing it here runs that now. A body that never started (the client left before the
+    first byte) has no ``finally`` to run: ``on_close`` covers it, and must be harmless after the body's
+    own cleanup (``release`` acts once; cancelling a finished stream is a no-op)."""
 
     def __init__(self, content, on_close: Callable[[], Any], **kwargs: Any) -> None:
         super().__init__(content, **kwargs)
@@ -247,6 +249,7 @@ class ClosingStream(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
+            await self.body_iterator.aclose()
             self._on_close()
 
 

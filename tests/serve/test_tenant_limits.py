@@ -135,3 +135,33 @@ def test_a_stream_whose_client_left_before_its_first_byte_still_frees_its_slot()
     with pytest.raises(ClientDisconnect):  # starlette's word for the OSError
         asyncio.run(response({"type": "http", "asgi": {"spec_version": "2.4"}}, receive, gone))
     assert closed == [True] and body_ran == []
+
+
+def test_a_stream_whose_client_left_midway_settles_what_it_generated_before_the_fallback():
+    """A body the client abandoned is closed at once, so its own cleanup (the real usage) runs before
+    the response's fallback (which settles to nothing used)."""
+    from starlette.requests import ClientDisconnect
+
+    from serve.openai_routes import ClosingStream
+
+    order, sent = [], []
+
+    async def events():
+        try:
+            yield b"data: 1\n\n"
+            yield b"data: 2\n\n"
+        finally:
+            order.append("body settled its usage")
+
+    async def send(message):
+        if message.get("type") == "http.response.body" and sent:
+            raise OSError("client disconnected")
+        sent.append(message)
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    response = ClosingStream(events(), lambda: order.append("fallback"), media_type="text/event-stream")
+    with pytest.raises(ClientDisconnect):
+        asyncio.run(response({"type": "http", "asgi": {"spec_version": "2.4"}}, receive, send))
+    assert order == ["body settled its usage", "fallback"]
