@@ -300,12 +300,16 @@ class AdapterRegistry:
         if self.idle_forget_s is None:
             return []
         cutoff = time.monotonic() - self.idle_forget_s
+
+        def idle(tenant: str, loaded: LoadedVersion) -> bool:
+            return self._current.get(tenant) is loaded and not loaded.active and loaded.used_at <= cutoff
+
         forgotten = []
         for tenant, loaded in list(self._current.items()):
-            if loaded.active or loaded.used_at > cutoff:
+            if not idle(tenant, loaded):
                 continue
             async with self._lock(tenant):
-                if self._current.get(tenant) is not loaded or loaded.active or loaded.used_at > cutoff:
+                if not idle(tenant, loaded):
                     continue  # used, or switched, while we waited for the lock
                 del self._current[tenant]
                 self._last_switch.pop(tenant, None)
