@@ -391,6 +391,7 @@ def serve_config(options: Options, world: World, replicas: int) -> dict[str, Any
         "engine_num_cpus": options.engine_num_cpus,
         "ingress_num_cpus": 0.5,
         "max_concurrent_per_tenant": 1000,  # one tenant may take every client thread (the 1-adapter case)
+        "tenant_tokens_per_minute": None,  # nor is it rate-limited: serving is measured, not the limit
         "auth_cache_s": 3600.0,  # keys verified once (scrypt), not every 30 s for hundreds of tenants
         "auth_failures_per_minute": 1000,
     }
