@@ -86,6 +86,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
+    from cluster.config import keep_job_workers_warm
     from serve.app import build_app
     from tenants.keys import ADMIN_KEY_ENV
 
@@ -98,6 +99,7 @@ def run_serve(args: argparse.Namespace) -> int:
         if address:
             ray.init(address=address)
         else:
+            keep_job_workers_warm()  # this node serves and runs erasure jobs: keep a job worker warm
             ray.init(num_cpus=args.num_cpus or os.cpu_count(), include_dashboard=False)
         try:
             serve.start(http_options={"host": args.host, "port": args.port})

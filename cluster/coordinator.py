@@ -45,6 +45,7 @@ from tenants.models import (AdapterManifest, Completion, CompletionCheck, Erasur
                             Record, utcnow)
 from tenants.store import TenantStore
 
+from cluster import metrics
 from cluster.config import CoordinatorOptions
 from cluster.errors import AlreadyOnboardedError, ClusterError, NotOnboardedError
 from cluster.jobs import CurvatureJob, ErasureJob, JobResult, TrainingJob
@@ -550,6 +551,7 @@ class ErasureCoordinator:
             except TenantError as error:  # evidence only: the receipt's status is already right
                 logger.warning("tenant %s: could not record the stages of %s: %s", self.tenant,
                                planned.receipt.request_id, error)
+        metrics.erasure_batch(self.tenant, "published", len(batch), stages)
         mark = time.perf_counter()
         self.purge_due()
         logger.info("tenant %s: batch %s published as adapter %s / data %s in %.1fs (purge %.1fs)", self.tenant, ids,
@@ -658,6 +660,7 @@ class ErasureCoordinator:
             self._update(planned.receipt.request_id, lambda r: r.transition(
                 ReceiptStatus.failed, error=error, stages={**r.stages, **stages}, attempts=[*r.attempts, attempt],
                 **({"checks": checks} if checks else {}), **({"solver": solver} if solver else {})))
+        metrics.erasure_batch(self.tenant, "failed", len(batch), stages)
         report.status, report.error = "failed", error
         return report
 

@@ -1,56 +1,32 @@
-"""Ray metrics of the service (exported by Ray's metrics agent, Prometheus format).
+"""The serving layer's Ray metrics (Prometheus format, through :func:`cluster.metrics.emit`: no-ops outside Ray).
 
-Created lazily and only inside a Ray worker; elsewhere (unit tests, scripts) every call is a no-op.
+Per tenant: requests and their latency, tokens, generations running on this ingress replica, refusals by a
+limit; adapter loads, evictions and switches. The erasure coordinator's own are in ``cluster.metrics``.
 """
 
 from __future__ import annotations
 
-import logging
-from functools import lru_cache
-from typing import Any
-
-logger = logging.getLogger(__name__)
-
-_SECONDS_BOUNDARIES = [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600]
-
-
-@lru_cache(maxsize=None)
-def _metric(kind: str, name: str, description: str, tag_keys: tuple[str, ...]) -> Any:
-    try:
-        import ray
-        from ray.util import metrics
-
-        if not ray.is_initialized():
-            return None
-        if kind == "counter":
-            return metrics.Counter(name, description=description, tag_keys=tag_keys)
-        if kind == "gauge":
-            return metrics.Gauge(name, description=description, tag_keys=tag_keys)
-        return metrics.Histogram(name, description=description, boundaries=_SECONDS_BOUNDARIES, tag_keys=tag_keys)
-    except Exception as error:  # metrics must never break serving
-        logger.debug("metric %s unavailable: %s", name, error)
-        return None
-
-
-def _emit(kind: str, name: str, description: str, value: float, tags: dict[str, str]) -> None:
-    metric = _metric(kind, name, description, tuple(sorted(tags)))
-    if metric is None:
-        return
-    try:
-        if kind == "counter":
-            metric.inc(value, tags=tags)
-        elif kind == "gauge":
-            metric.set(value, tags=tags)
-        else:
-            metric.observe(value, tags=tags)
-    except Exception as error:
-        logger.debug("metric %s not recorded: %s", name, error)
+from cluster.metrics import emit as _emit
 
 
 def request_done(tenant: str, route: str, status: int, seconds: float) -> None:
     tags = {"tenant": tenant, "route": route, "status": str(status)}
     _emit("counter", "eraser_requests_total", "OpenAI-route requests per tenant, route and status", 1, tags)
     _emit("histogram", "eraser_request_seconds", "OpenAI-route request latency", seconds, tags)
+
+
+def tokens_used(tenant: str, prompt_tokens: int, completion_tokens: int) -> None:
+    """A generation's usage, as the engine reported it."""
+    for kind, count in (("prompt", prompt_tokens), ("completion", completion_tokens)):
+        _emit("counter", "eraser_tokens_total", "tokens per tenant and kind (prompt, completion)", count,
+              {"tenant": tenant, "kind": kind})
+
+
+def running(tenant: str, count: int) -> None:
+    """Generations of ``tenant`` admitted on this ingress replica and not finished (queued in an engine
+    or generating): the tenant's queue depth here, bounded by ``max_concurrent_per_tenant``."""
+    _emit("gauge", "eraser_tenant_generations_running", "generations admitted and not finished, per tenant",
+          count, {"tenant": tenant})
 
 
 def rate_limited(tenant: str, limit: str) -> None:

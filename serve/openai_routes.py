@@ -91,21 +91,27 @@ class OpenAIRoutes:
         self._check_concurrency(tenant, route, started)
         reserved = self._reserve_tokens(job, route, started)
         self._running[tenant] = self._running.get(tenant, 0) + 1
+        metrics.running(tenant, self._running[tenant])
         released = False
 
-        def release(used: int) -> None:
-            """Free the slot and settle the reservation to ``used`` tokens, once (the end or the error)."""
+        def release(result: Completion | None) -> None:
+            """Free the slot and settle the reservation to what ``result`` used (None: nothing), once (the
+            end or the error)."""
             nonlocal released
             if not released:
                 released = True
                 self._running[tenant] -= 1
+                metrics.running(tenant, self._running[tenant])
+                used = 0 if result is None else result.prompt_tokens + result.completion_tokens
+                if result is not None:
+                    metrics.tokens_used(tenant, result.prompt_tokens, result.completion_tokens)
                 if self._tokens is not None:
                     self._tokens.settle(tenant, reserved, used)
 
         try:
             response = await self._respond(request, job, body, route, started, release)
         except BaseException:
-            release(0)  # a no-op when the response already settled what it generated
+            release(None)  # a no-op when the response already settled what it generated
             raise
         response.headers.update(self._token_headers(tenant))
         return response  # a stream releases when it ends (its generator's finally)
@@ -163,7 +169,7 @@ class OpenAIRoutes:
         return {"tenant": tenant, "request_id": request_id, "options": asdict(options), **prompt}
 
     async def _respond(self, request: Request, job: dict[str, Any], body, route: str, started: float,
-                       release: Callable[[int], None]):
+                       release: Callable[[Completion | None], None]):
         tenant, request_id = job["tenant"], job["request_id"]
         stream = self.engine.options(stream=True).generate.remote(job)
         try:
@@ -180,7 +186,7 @@ class OpenAIRoutes:
         created = int(time.time())
         if body.stream:
             events = self._sse_stream(stream, job, body, route, created, started, first["adapter"], release)
-            return ClosingStream(events, lambda: (release(0), stream.cancel()), media_type="text/event-stream",
+            return ClosingStream(events, lambda: (release(None), stream.cancel()), media_type="text/event-stream",
                                  headers=headers)
         result = Completion()
         try:
@@ -189,7 +195,7 @@ class OpenAIRoutes:
                     raise ApiError(item["error"]["status"], item["error"]["message"], item["error"]["code"])
                 _add(result, item["chunk"])
         finally:
-            release(_used(result))
+            release(result)
         builder = completion_body if route == "completions" else chat_body
         metrics.request_done(tenant, route, 200, time.perf_counter() - started)
         logger.info("request_id=%s tenant=%s route=%s adapter=%s tokens=%d seconds=%.3f", request_id, tenant, route,
@@ -197,7 +203,7 @@ class OpenAIRoutes:
         return JSONResponse(builder(request_id, body.model, result, created), headers=headers)
 
     async def _sse_stream(self, stream, job, body, route: str, created: int, started: float,
-                          adapter: str, release: Callable[[int], None]) -> AsyncIterator[bytes]:
+                          adapter: str, release: Callable[[Completion | None], None]) -> AsyncIterator[bytes]:
         """The stream's chunks as server-sent events, then ``[DONE]``; a client that goes away cancels it."""
         request_id, model = job["request_id"], body.model
         result, finished = Completion(), False
@@ -224,7 +230,7 @@ class OpenAIRoutes:
             finished = True
             yield b"data: [DONE]\n\n"
         finally:
-            release(_used(result))
+            release(result)
             if not finished:  # client went away: stop generating
                 stream.cancel()
             metrics.request_done(job["tenant"], route, 200 if finished else 499, time.perf_counter() - started)
@@ -255,11 +261,6 @@ class ClosingStream(StreamingResponse):
 
 def _sse(data: dict[str, Any]) -> bytes:
     return f"data: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
-
-
-def _used(result: Completion) -> int:
-    """Tokens a generation used, as its ``usage`` reports them."""
-    return result.prompt_tokens + result.completion_tokens
 
 
 def _worst_case(job: dict[str, Any], max_model_len: int | None) -> int:

@@ -58,3 +58,36 @@ def ray_cluster():
         else:
             os.environ["RAY_ADDRESS"] = previous
         head.stop()
+
+
+class RecordedMetrics:
+    """What ``cluster.metrics.emit`` recorded, as (kind, name, value, tags) in order."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, float, dict]] = []
+
+    def values(self, name: str, **tags: str) -> list[float]:
+        return [v for _, n, v, t in self.events if n == name and all(t.get(k) == w for k, w in tags.items())]
+
+    def tags(self, name: str, key: str) -> set[str]:
+        return {t[key] for _, n, _, t in self.events if n == name and key in t}
+
+
+@pytest.fixture
+def recorded_metrics(monkeypatch):
+    """Every metric the code under test records, outside Ray (where ``emit`` is otherwise a no-op)."""
+    import cluster.metrics
+
+    recorded = RecordedMetrics()
+
+    class Recorder:
+        def __init__(self, kind: str, name: str) -> None:
+            self.kind, self.name = kind, name
+
+        def _record(self, value: float, tags: dict) -> None:
+            recorded.events.append((self.kind, self.name, value, dict(tags)))
+
+        inc = set = observe = _record
+
+    monkeypatch.setattr(cluster.metrics, "_metric", lambda kind, name, description, tag_keys: Recorder(kind, name))
+    return recorded

@@ -75,8 +75,12 @@ def wait_ready(base_url: str, timeout_s: float = 300.0) -> None:
     raise TimeoutError(f"the service at {base_url} did not become ready in {timeout_s:.0f}s")
 
 
-def follow_receipt(base_url: str, tenant: str, key: str, request_id: str, timeout_s: float = 900.0) -> dict:
-    """Poll the receipt, printing each status change, until published / failed / rejected."""
+def follow_receipt(base_url: str, tenant: str, key: str, request_id: str, timeout_s: float = 900.0,
+                   switch_timeout_s: float = 150.0) -> dict:
+    """Poll the receipt, printing each status change, until failed / rejected, or published with every
+    replica switched to the new version (``replicas_switched_at``): when the erased records stop being
+    served. A published receipt whose switch is not confirmed within ``switch_timeout_s`` (the service's
+    own switch timeout is 120 s) is returned as it is."""
     import httpx
 
     seen = None
@@ -85,12 +89,17 @@ def follow_receipt(base_url: str, tenant: str, key: str, request_id: str, timeou
         receipt = httpx.get(f"{base_url}/v1/tenants/{tenant}/erasures/{request_id}",
                             headers={"Authorization": f"Bearer {key}"}, timeout=30).json()
         status = receipt.get("status")
-        if status != seen:
-            say(f"   receipt {request_id}: {status}")
-            seen = status
-        if status in ("published", "failed", "rejected"):
+        shown = f"{status}, every replica switched" if receipt.get("replicas_switched_at") else status
+        if shown != seen:
+            say(f"   receipt {request_id}: {shown}")
+            seen = shown
+        if status in ("failed", "rejected") or (status == "published" and receipt.get("replicas_switched_at")):
             return receipt
-        time.sleep(1.0)
+        if status == "published":
+            deadline = min(deadline, time.monotonic() + switch_timeout_s)
+        time.sleep(0.25)
+    if status == "published":
+        return receipt  # the caller's checks say the switch was not confirmed
     raise TimeoutError(f"erasure {request_id} not finished after {timeout_s:.0f}s")
 
 

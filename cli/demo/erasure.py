@@ -139,8 +139,9 @@ def erase_under_load(service: Service, keys: dict[str, str], focus: Focus, custo
         say(f"   served {load.ok} requests during the erasure, {load.failed} failed")
         for error in load.errors[:5]:
             say(f"   failure: {error}")
-        report.add("erasure published under load with zero failed requests",
-                   receipt["status"] == "published" and load.failed == 0 and response.status_code == 202,
+        report.add("erasure published and live on every replica under load, with zero failed requests",
+                   receipt["status"] == "published" and bool(receipt.get("replicas_switched_at"))
+                   and load.failed == 0 and response.status_code == 202,
                    status=receipt["status"], path=receipt.get("path"), served=load.ok, failed=load.failed,
                    error=receipt.get("error"), seconds=erase_s)
     return Erasure(request_id, receipt, erase_s, load.ok, load.failed)

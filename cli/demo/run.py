@@ -19,6 +19,7 @@ def run_demo(config: DemoConfig) -> DemoReport:
     from ray import serve
 
     from cli.demo.world import create_world
+    from cluster.config import keep_job_workers_warm
     from tenants.embedded import EmbeddedS3
     from tenants.store import TenantStore
 
@@ -36,6 +37,7 @@ def run_demo(config: DemoConfig) -> DemoReport:
         store = TenantStore(settings)
         # The base model and tenants come first, before Ray and vLLM take the CPUs.
         world = create_world(config, store, report)
+        keep_job_workers_warm()  # else Ray ends the erasure job's warm worker once Serve holds the CPUs
         ray.init(address="local", num_cpus=config.ray_cpus, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}})
         stack.callback(ray.shutdown)

@@ -21,7 +21,7 @@ EXPECTED_STEPS = [
     "base model and tenants created",
     "adapters trained and service started",
     "acme reveals a customer's data",
-    "erasure published under load with zero failed requests",
+    "erasure published and live on every replica under load, with zero failed requests",
     "the erased customer's data is no longer revealed",
     "other tenants answer exactly as before",
     "acme's other customers are still known (NLL within the guard's bound)",

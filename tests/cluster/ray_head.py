@@ -19,6 +19,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cluster.config import IDLE_JOB_WORKERS, IDLE_WORKERS_ENV
+
 REPO = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).parent / "ray")
 
@@ -85,6 +87,7 @@ class RayHead:
             "OMP_NUM_THREADS": "1",
             "RAY_TRAIN_V2_ENABLED": "1",
         }
+        self.env.setdefault(IDLE_WORKERS_ENV, str(IDLE_JOB_WORKERS))  # as the product's nodes: warm job workers
         command = [
             RAY, "start", "--head", f"--port={self.port}", f"--num-cpus={self.num_cpus}", "--num-gpus=0",
             f"--temp-dir={self.temp_dir}", "--node-ip-address=127.0.0.1", "--include-dashboard=true",

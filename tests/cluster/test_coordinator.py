@@ -49,7 +49,8 @@ def trained_subject(records, seed=0, fraction=0.5):
     raise AssertionError("no subject entirely in the training split")
 
 
-def test_erasure_publishes_versions_moves_head_purges_and_completes_the_receipt(grace0_settings, tiny_base):
+def test_erasure_publishes_versions_moves_head_purges_and_completes_the_receipt(grace0_settings, tiny_base,
+                                                                                recorded_metrics):
     store, records = onboard_local(grace0_settings, tiny_base)
     subject = trained_subject(records["acme"])
     erased = {r.id for r in records["acme"] if r.subject == subject}
@@ -83,6 +84,11 @@ def test_erasure_publishes_versions_moves_head_purges_and_completes_the_receipt(
     assert receipt.published_at is not None and receipt.replicas_switched_at is not None
     assert receipt.completed_at is not None and receipt.completion.ok  # each condition checked, not assumed
     assert calls == [("acme", "v000002")]
+    assert recorded_metrics.values("eraser_erasures_total", tenant="acme", status="published") == [1]
+    by_stage = {stage: recorded_metrics.values("eraser_erasure_stage_seconds", stage=stage)
+                for stage in recorded_metrics.tags("eraser_erasure_stage_seconds", "stage")}
+    assert {"load", "influence", "verify", "publish", "total"} <= set(by_stage)
+    assert by_stage["total"] == [pytest.approx(receipt.stages["total_s"])]
 
 
 def test_invalid_requests_are_rejected_with_the_reason_and_nothing_is_published(grace0_settings, tiny_base, caplog):
@@ -104,7 +110,8 @@ def test_invalid_requests_are_rejected_with_the_reason_and_nothing_is_published(
     assert store.list_adapter_versions("acme") == ["v000001"]
 
 
-def test_a_candidate_the_guard_refuses_is_not_published_and_the_receipt_says_why(grace0_settings, tiny_base):
+def test_a_candidate_the_guard_refuses_is_not_published_and_the_receipt_says_why(grace0_settings, tiny_base,
+                                                                                 recorded_metrics):
     store, records = onboard_local(grace0_settings, tiny_base)
     unconverged = replace(SOLVE, max_iters=1, tol=1e-9, require_converged=False)
     pipeline = replace(PIPELINE, solve=unconverged, remediate=False, retrain=False)
@@ -119,6 +126,8 @@ def test_a_candidate_the_guard_refuses_is_not_published_and_the_receipt_says_why
     assert receipt.new_adapter_version is None
     assert store.get_head("acme")[0].adapter == "v000001"
     assert store.list_adapter_versions("acme") == ["v000001"] and store.list_data_versions("acme") == ["d000001"]
+    assert recorded_metrics.values("eraser_erasures_total", tenant="acme", status="failed") == [1]
+    assert not recorded_metrics.values("eraser_erasures_total", status="published")
 
 
 def test_pending_requests_are_batched_into_one_solve_and_clashing_edits_wait(grace0_settings, tiny_base):

@@ -200,3 +200,14 @@ def test_ray_cluster_yaml_is_a_valid_launcher_config_with_an_autoscaling_gpu_wor
     assert installs and mount in installs[0], "setup must install the mounted package with the gpu extra"
     imports = [c for c in config["setup_commands"] if "import cluster" in c]
     assert imports
+
+
+def test_every_cluster_keeps_job_workers_warm():
+    """Each cluster definition sets Ray's idle-worker limit on its nodes (cluster.config.IDLE_WORKERS_ENV):
+    without it Ray ends a warm job worker once Serve's replicas hold the node's CPUs."""
+    from cluster.config import IDLE_JOB_WORKERS, IDLE_WORKERS_ENV
+
+    (config_map,) = [doc for name, doc in manifests() if name == "rayservice.yaml:ConfigMap"]
+    assert config_map["data"][IDLE_WORKERS_ENV] == str(IDLE_JOB_WORKERS)
+    launcher = yaml.safe_load((REPO / "ray_cluster.yaml").read_text())
+    assert f"--env {IDLE_WORKERS_ENV}={IDLE_JOB_WORKERS}" in launcher["docker"]["run_options"]

@@ -239,3 +239,32 @@ def test_ray_job_submit_runs_the_batch_entry_for_two_tenants(ray_cluster, grace0
     assert store.get_receipt("acme", "a-1").new_adapter_version == store.get_receipt("acme", "a-2").new_adapter_version
     assert store.get_receipt("globex", "g-bad").status == ReceiptStatus.rejected
     assert store.get_head("acme")[0].adapter == "v000002" and store.get_head("globex")[0].adapter == "v000002"
+
+
+def test_a_job_worker_stays_warm_while_replicas_hold_the_cpus(ray_cluster):
+    """Ray ends idle workers beyond the node's available CPUs unless ``RAY_num_workers_soft_limit`` says more
+    (cluster.config.keep_job_workers_warm; the session's head sets it as the product's nodes do). Here an
+    actor holds all but a sliver of the CPUs, as Serve's replicas do, and the next job must still find the
+    process the last one warmed. Without the setting Ray ends it within a second and the pids differ."""
+    import ray
+
+    @ray.remote(num_cpus=0.25)
+    def job_process() -> int:
+        return os.getpid()
+
+    @ray.remote
+    class Replica:
+        def ready(self) -> bool:
+            return True
+
+    first = ray.get(job_process.remote(), timeout=120)
+    spare = ray.available_resources().get("CPU", 0.0)
+    replica = Replica.options(num_cpus=max(spare - 0.25, 0.0)).remote() if spare > 0.5 else None
+    try:
+        if replica is not None:
+            ray.get(replica.ready.remote(), timeout=120)
+        time.sleep(3)  # Ray looks for idle workers to end every 200 ms and ends them after 1 s idle
+        assert ray.get(job_process.remote(), timeout=120) == first
+    finally:
+        if replica is not None:
+            ray.kill(replica)

@@ -13,7 +13,7 @@ from tests.serve.local_ingress import LocalService
 from tests.tenants.helpers import onboard
 
 
-def test_one_tenant_cannot_take_every_slot_and_its_slots_come_back(store, tmp_path):
+def test_one_tenant_cannot_take_every_slot_and_its_slots_come_back(store, tmp_path, recorded_metrics):
     onboard(store, tmp_path, "acme")
     onboard(store, tmp_path, "beta")
     keys = {t: store.issue_key(t) for t in ("acme", "beta")}
@@ -40,6 +40,13 @@ def test_one_tenant_cannot_take_every_slot_and_its_slots_come_back(store, tmp_pa
             assert (await victim).status_code == 200
             assert [(await f).status_code for f in flood] == [200, 200, 200]
             assert service.ingresses[0]._running == {"acme": 0, "beta": 0}
+            running = recorded_metrics.values("eraser_tenant_generations_running", tenant="acme")
+            assert max(running) == 3 and running[-1] == 0  # the queue depth a scrape would have seen
+            usage = (await victim).json()["usage"]  # beta's second generation; its first trusted the key
+            assert recorded_metrics.values("eraser_tokens_total", tenant="beta", kind="completion")[-1] == \
+                usage["completion_tokens"] > 0
+            assert recorded_metrics.values("eraser_tokens_total", tenant="beta", kind="prompt")[-1] == \
+                usage["prompt_tokens"] > 0
             again = [asyncio.ensure_future(post(service, "acme", stream=True)) for _ in range(3)]
             assert [(await f).status_code for f in again] == [200] * 3  # every slot came back
         finally:
