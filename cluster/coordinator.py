@@ -64,6 +64,21 @@ class _Planned:
     edits: list[str]  # the ids it edits in this batch (an earlier remove in the batch may own some)
 
 
+def _without_personal_data(text: str, batch: Sequence[_Planned]) -> str:
+    """``text`` with the batch's subject names and replacement texts blanked: a failure's reason goes to the
+    receipt whole (redacted after its retention) but to the logs, which outlive every retention policy,
+    without what identifies a data subject. Record ids stay (opaque keys the tenant chose)."""
+    personal = set()
+    for planned in batch:
+        request = planned.receipt.request
+        personal.update(request.subjects or ())
+        for replacement in (request.replacements or {}).values():
+            personal.update(t for t in (replacement.prompt, replacement.response) if t)
+    for value in sorted(personal, key=len, reverse=True):  # longest first: a name inside another stays hidden
+        text = text.replace(value, "<redacted>")
+    return text
+
+
 @dataclass
 class BatchReport:
     """What one round did (for logs and the batch summary)."""
@@ -654,7 +669,7 @@ class ErasureCoordinator:
         """Receipts ``failed`` with the error, the attempt recorded. ``transient``: a lost or timed-out job,
         S3 unreachable, HEAD contention (the reconciler retries it); else the method refused (final)."""
         logger.warning("tenant %s: batch %s failed%s: %s", self.tenant, report.request_ids,
-                       " (transient: retried)" if transient else "", error)
+                       " (transient: retried)" if transient else "", _without_personal_data(error, batch))
         attempt = {"at": datetime.now(timezone.utc).isoformat(), "error": error, "transient": transient}
         for planned in batch:
             self._update(planned.receipt.request_id, lambda r: r.transition(

@@ -130,6 +130,25 @@ def test_a_candidate_the_guard_refuses_is_not_published_and_the_receipt_says_why
     assert not recorded_metrics.values("eraser_erasures_total", status="published")
 
 
+def test_a_failure_reason_naming_a_subject_reaches_the_receipt_but_not_the_logs(grace0_settings, tiny_base, caplog):
+    from cluster.errors import JobFailedError
+
+    store, records = onboard_local(grace0_settings, tiny_base)
+    subject = trained_subject(records["acme"])
+
+    class Leaky(NeverRun):
+        def run_erasure_job(self, job):  # an error whose text quotes the request, as a method error can
+            raise JobFailedError(f"worker lost while erasing {subject!r} ({job.request_ids})")
+
+    core = coordinator(store, runner=Leaky(), options=replace(OPTIONS, max_attempts=1))
+    core.submit({"request_id": "req-1", "tenant": "acme", "kind": "remove", "subjects": [subject]})
+    with caplog.at_level("DEBUG"):
+        assert [r.status for r in core.run_until_idle()] == ["failed"]
+
+    assert "req-1" in caplog.text and "<redacted>" in caplog.text and subject not in caplog.text
+    assert subject in store.get_receipt("acme", "req-1").error  # the receipt keeps the reason whole
+
+
 def test_pending_requests_are_batched_into_one_solve_and_clashing_edits_wait(grace0_settings, tiny_base):
     store, records = onboard_local(grace0_settings, tiny_base)
     acme = records["acme"]
