@@ -65,6 +65,7 @@ class RayHead:
     temp_dir: Path = field(default_factory=lambda: Path(f"/tmp/rt-{uuid.uuid4().hex[:6]}"))  # short: socket paths
     port: int = 0
     dashboard_port: int = 0
+    metrics_port: int = 0  # Prometheus export of the head node's metrics agent (Ray's and the service's)
     env: dict = field(default_factory=dict)
 
     @property
@@ -77,7 +78,7 @@ class RayHead:
 
     def start(self) -> "RayHead":
         ports = free_ports(9)
-        self.port, self.dashboard_port = ports[0], ports[1]
+        self.port, self.dashboard_port, self.metrics_port = ports[0], ports[1], ports[7]
         low, high = worker_port_range()
         self.env = {
             **os.environ,

@@ -68,3 +68,30 @@ def test_token_id_prompt_and_stop_sequences(served):
     stopped = client.completions.create(model="acme", prompt=ids, max_tokens=MAX_TOKENS, temperature=0, stop=[stop])
     assert stopped.choices[0].text == expected[: expected.index(stop)]
     assert stopped.choices[0].finish_reason == "stop"
+
+
+def test_the_service_metrics_reach_prometheus_per_tenant(served, ray_cluster):
+    """What an operator scrapes: the head node's metrics agent (Prometheus text) carries the ingress's
+    per-tenant requests, tokens and queue depth, and the engines' adapter loads (``serve/metrics.py``)."""
+    import re
+    import time
+
+    import httpx
+
+    chat = served.client("acme").chat.completions.create(
+        model="acme", messages=[{"role": "user", "content": models.QUESTIONS[0]}], max_tokens=4, temperature=0)
+    wanted = {
+        "requests": r'ray_eraser_requests_total\{[^}]*route="chat"[^}]*tenant="acme"[^}]*\} (\S+)',
+        "completion tokens": r'ray_eraser_tokens_total\{[^}]*kind="completion"[^}]*tenant="acme"[^}]*\} (\S+)',
+        "running": r'ray_eraser_tenant_generations_running\{[^}]*tenant="acme"[^}]*\} (\S+)',
+        "adapter loads": r'ray_eraser_adapter_loads_total\{[^}]*tenant="acme"[^}]*\} (\S+)',
+    }
+    found: dict[str, float] = {}
+    deadline = time.monotonic() + 60  # the agent exports what workers reported every 10 s (Ray's default)
+    while time.monotonic() < deadline and len(found) < len(wanted):
+        text = httpx.get(f"http://127.0.0.1:{ray_cluster.metrics_port}/metrics", timeout=10).text
+        found = {name: float(m.group(1)) for name, pattern in wanted.items() if (m := re.search(pattern, text))}
+        time.sleep(2)
+    assert set(found) == set(wanted), f"missing from the scrape: {set(wanted) - set(found)}"
+    assert found["requests"] >= 1 and found["adapter loads"] >= 1 and found["running"] >= 0
+    assert found["completion tokens"] >= chat.usage.completion_tokens > 0
