@@ -14,7 +14,8 @@ over the replicas), and :meth:`EngineServer.inspect` reports it with the replica
 
 The tests run in order on one deployment: 2 replicas and a switch; down to 1 (the removed replica's
 files go with it); HEAD moved, then up to 2 (the new replica serves the new HEAD from its first
-request). Scaling changes only ``num_replicas``: the deployments get a fixed version (as a Serve
+request); a second tenant, ``delta`` (its one version: the files of ``acme@v1``), whose requests through
+the ingress all go to the one replica that loaded its adapter (Serve's multiplexing: serve.routing). Scaling changes only ``num_replicas``: the deployments get a fixed version (as a Serve
 config file's deploy would), so Serve adds or removes one replica instead of restarting them all.
 """
 
@@ -37,6 +38,7 @@ NAME = "eraser-pair"
 ROUTE = "/pair"
 TENANT = "gamma"
 FILES = {"v1": "acme@v1", "v2": "acme@v2", "v3": "beta@v1"}  # gamma's versions: served's adapter files
+OTHER, OTHER_FILES = "delta", "acme@v1"  # a second tenant, onboarded but not asked before the routing test
 MAX_TOKENS = 8
 QUESTION = models.QUESTIONS[2]
 DEPLOY_TIMEOUT_S = 300.0
@@ -45,8 +47,8 @@ DEPLOY_TIMEOUT_S = 300.0
 class Pair:
     """The two-replica application: its config, store, versions, and ways to reach each replica."""
 
-    def __init__(self, served, store, config: dict, key: str, data: str, root: Path) -> None:
-        self.served, self.store, self.config, self.key, self.data, self.root = served, store, config, key, data, root
+    def __init__(self, served, store, config: dict, keys: dict[str, str], data: str, root: Path) -> None:
+        self.served, self.store, self.config, self.keys, self.data, self.root = served, store, config, keys, data, root
         self.url = f"{served.base_url}{ROUTE}"
         self.versions: dict[str, str] = {}  # "v1" -> store version
         self.prompt = models.chat_ids(served.base_dir, QUESTION)
@@ -126,12 +128,12 @@ class Pair:
         assert len(seen) == replicas, sorted(seen)
         return seen
 
-    def ask_http(self, n: int) -> list[tuple[str, str]]:
-        """``n`` completions through the ingress: (x-eraser-adapter, text) each."""
+    def ask_http(self, n: int, tenant: str = TENANT) -> list[tuple[str, str]]:
+        """``n`` completions through the ingress, one after the other: (x-eraser-adapter, text) each."""
         answers = []
         for _ in range(n):
-            response = httpx.post(f"{self.url}/v1/completions", headers={"Authorization": f"Bearer {self.key}"},
-                                  json={"model": TENANT, "prompt": self.prompt, "max_tokens": MAX_TOKENS,
+            response = httpx.post(f"{self.url}/v1/completions", headers={"Authorization": f"Bearer {self.keys[tenant]}"},
+                                  json={"model": tenant, "prompt": self.prompt, "max_tokens": MAX_TOKENS,
                                         "temperature": 0}, timeout=60)
             assert response.status_code == 200, response.text
             answers.append((response.headers["x-eraser-adapter"], response.json()["choices"][0]["text"]))
@@ -163,7 +165,7 @@ def build(config: dict):
 def pair(served, s3_server, s3_bucket, tmp_path_factory):
     from ray import serve
 
-    from tenants.models import TenantConfig
+    from tenants.models import AdapterManifest, Head, TenantConfig
     from tenants.store import TenantStore
 
     root = tmp_path_factory.mktemp("pair")
@@ -171,14 +173,19 @@ def pair(served, s3_server, s3_bucket, tmp_path_factory):
     store = TenantStore(settings)
     store.put_model("tiny", served.base_dir)
     store.create_tenant(TenantConfig(name=TENANT, base_model="tiny"))
-    key = store.issue_key(TENANT, "tests")
+    keys = {TENANT: store.issue_key(TENANT, "tests")}
     data = store.put_dataset(TENANT, [r.to_json() for r in models.tenant_records("alpha")])
+    store.create_tenant(TenantConfig(name=OTHER, base_model="tiny"))
+    keys[OTHER] = store.issue_key(OTHER, "tests")
+    other_data = store.put_dataset(OTHER, [r.to_json() for r in models.tenant_records("alpha")])
+    other = store.publish_adapter(OTHER, served.adapters[OTHER_FILES], AdapterManifest(data_version=other_data, path="train"))
+    store.move_head(OTHER, Head(adapter=other, data=other_data), None)
     config = dict(
         served.config, app_name=NAME, engine_replicas=2, engine_num_cpus=0.2, ingress_num_cpus=0.05,
         refresh_interval_s=0.0, adapter_dir=str(root / "adapters"),
         store={**served.config["store"], "prefix": settings.prefix, "cache_dir": str(root / "replica-cache")},
     )
-    pair = Pair(served, store, config, key, data, root)
+    pair = Pair(served, store, config, keys, data, root)
     pair.publish("v1")
     assert store.get_head(TENANT)[0].adapter == pair.versions["v1"]
     try:
@@ -263,3 +270,24 @@ def test_a_replica_started_after_a_publish_serves_the_new_head(pair):
     assert views[new]["current"][TENANT]["version"] == v3
     assert [f for f in views[new]["adapter_files"] if f"tenants/{TENANT}/" in f] == [f"tenants/{TENANT}/adapters/{v3}"]
     assert set(pair.ask_http(4)) == {(v3_name, pair.expected("v3"))}
+
+
+def test_a_tenants_requests_go_to_the_replica_that_holds_its_adapter(pair):
+    """Through the ingress, which names the tenant as Serve's multiplexed model id: after its first request
+    (which loads its adapter on one replica), every request of a tenant goes to that replica, so its
+    adapter is loaded once, not once per replica. Without the model id Serve spreads requests at random:
+    8 sequential requests would all reach one of 2 replicas with probability 1/128."""
+    views = pair.inspect_each(2)
+    assert all(OTHER not in view["current"] for view in views.values()), views
+    name = f"{OTHER}@{pair.store.get_head(OTHER)[0].adapter}"
+    expected = pair.served.reference(OTHER_FILES, pair.prompt, MAX_TOKENS)
+    assert pair.ask_http(1, OTHER) == [(name, expected)]  # loads the adapter on one replica
+    # that replica reports the tenant (pushed every 0.1 s); the ingress's router hears it by long poll
+    time.sleep(2.0)
+    assert pair.ask_http(8, OTHER) == [(name, expected)] * 8
+    views = pair.inspect_each(2)
+    holders = {replica: view["current"][OTHER] for replica, view in views.items() if OTHER in view["current"]}
+    assert len(holders) == 1, f"{OTHER}'s adapter was loaded on {len(holders)} replicas: {holders}"
+    assert not [r for view in views.values() for r in view["retired"] if r["tenant"] == OTHER], views
+    for view in views.values():  # gamma, which both replicas served before, stays on both
+        assert view["current"][TENANT]["version"] == pair.versions["v3"], view["current"]
