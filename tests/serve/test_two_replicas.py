@@ -15,8 +15,10 @@ over the replicas), and :meth:`EngineServer.inspect` reports it with the replica
 The tests run in order on one deployment: 2 replicas and a switch; down to 1 (the removed replica's
 files go with it); HEAD moved, then up to 2 (the new replica serves the new HEAD from its first
 request); a second tenant, ``delta`` (its one version: the files of ``acme@v1``), whose requests through
-the ingress all go to the one replica that loaded its adapter (Serve's multiplexing: serve.routing). Scaling changes only ``num_replicas``: the deployments get a fixed version (as a Serve
-config file's deploy would), so Serve adds or removes one replica instead of restarting them all.
+the ingress all go to the one replica that loaded its adapter (Serve's multiplexing: serve.routing),
+until that replica is full (``max_ongoing_requests``, set to 1 in place) and the other takes the rest.
+Scaling changes only ``num_replicas``: the deployments get a fixed version (as a Serve config file's
+deploy would), so Serve adds or removes one replica instead of restarting them all.
 """
 
 from __future__ import annotations
@@ -71,11 +73,13 @@ class Pair:
     def expected(self, label: str) -> str:
         return self.served.reference(FILES[label], self.prompt, MAX_TOKENS)
 
-    def deploy(self, replicas: int) -> None:
-        """(Re)deploy with ``replicas`` engines; wait until exactly that many run and none is stopping."""
+    def deploy(self, replicas: int, **fields) -> None:
+        """(Re)deploy with ``replicas`` engines (and other config ``fields``); wait until exactly that many run
+        and none is stopping."""
         from ray import serve
 
-        serve.run(build(dict(self.config, engine_replicas=replicas)), name=NAME, route_prefix=ROUTE, blocking=False)
+        serve.run(build(dict(self.config, engine_replicas=replicas, **fields)), name=NAME, route_prefix=ROUTE,
+                  blocking=False)
         deadline = time.monotonic() + DEPLOY_TIMEOUT_S
         while time.monotonic() < deadline:
             status = serve.status().applications.get(NAME)
@@ -132,7 +136,8 @@ class Pair:
         """``n`` completions through the ingress, one after the other: (x-eraser-adapter, text) each."""
         answers = []
         for _ in range(n):
-            response = httpx.post(f"{self.url}/v1/completions", headers={"Authorization": f"Bearer {self.keys[tenant]}"},
+            response = httpx.post(f"{self.url}/v1/completions",
+                                  headers={"Authorization": f"Bearer {self.keys[tenant]}"},
                                   json={"model": tenant, "prompt": self.prompt, "max_tokens": MAX_TOKENS,
                                         "temperature": 0}, timeout=60)
             assert response.status_code == 200, response.text
@@ -178,7 +183,8 @@ def pair(served, s3_server, s3_bucket, tmp_path_factory):
     store.create_tenant(TenantConfig(name=OTHER, base_model="tiny"))
     keys[OTHER] = store.issue_key(OTHER, "tests")
     other_data = store.put_dataset(OTHER, [r.to_json() for r in models.tenant_records("alpha")])
-    other = store.publish_adapter(OTHER, served.adapters[OTHER_FILES], AdapterManifest(data_version=other_data, path="train"))
+    other = store.publish_adapter(OTHER, served.adapters[OTHER_FILES],
+                                  AdapterManifest(data_version=other_data, path="train"))
     store.move_head(OTHER, Head(adapter=other, data=other_data), None)
     config = dict(
         served.config, app_name=NAME, engine_replicas=2, engine_num_cpus=0.2, ingress_num_cpus=0.05,
@@ -291,3 +297,32 @@ def test_a_tenants_requests_go_to_the_replica_that_holds_its_adapter(pair):
     assert not [r for view in views.values() for r in view["retired"] if r["tenant"] == OTHER], views
     for view in views.values():  # gamma, which both replicas served before, stays on both
         assert view["current"][TENANT]["version"] == pair.versions["v3"], view["current"]
+
+
+def test_a_tenants_requests_spill_to_another_replica_when_its_replica_is_full(pair):
+    """Affinity never queues a tenant behind a full replica: with ``max_ongoing_requests`` 1 (changed in
+    place: same replicas, same adapters), 3 long requests at once for the tenant that one replica holds
+    cannot all run there; Serve gives the others to the replica with fewer tenants, which loads the
+    adapter too (from then on both are preferred for the tenant)."""
+    import concurrent.futures
+
+    before = pair.inspect_each(2)
+    holders = {replica for replica, view in before.items() if OTHER in view["current"]}
+    assert len(holders) == 1, before
+    pair.deploy(2, max_ongoing_requests=1)
+    time.sleep(3.0)  # the replicas' and the router's view of the new limit
+    assert set(pair.inspect_each(2)) == set(before), "the replicas were replaced, not reconfigured"
+    name = f"{OTHER}@{pair.store.get_head(OTHER)[0].adapter}"
+
+    def long_request(_: int) -> tuple[int, str]:
+        response = httpx.post(f"{pair.url}/v1/completions", headers={"Authorization": f"Bearer {pair.keys[OTHER]}"},
+                              json={"model": OTHER, "prompt": pair.prompt, "max_tokens": 150, "ignore_eos": True,
+                                    "temperature": 0}, timeout=120)
+        return response.status_code, response.headers.get("x-eraser-adapter", response.text)
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(long_request, range(3)))
+    assert results == [(200, name)] * 3, results
+    after = pair.inspect_each(2)
+    assert all(OTHER in view["current"] for view in after.values()), {r: sorted(v["current"]) for r, v in after.items()}
+    pair.deploy(2)  # back to the configured limit
