@@ -30,7 +30,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from serve import metrics
 from serve.engine import AdapterRef, Engine
@@ -182,8 +182,10 @@ class AdapterRegistry:
         refresh_interval_s: float = 5.0,
         idle_forget_s: float | None = None,
         replica: str = "replica",
+        on_forget: Callable[[str], None] | None = None,
     ) -> None:
         self.engine = engine
+        self.on_forget = on_forget  # told, at once, when a tenant stops being held here (serve.routing)
         self.source = source
         self.refresh_interval_s = refresh_interval_s
         self.idle_forget_s = idle_forget_s
@@ -257,6 +259,7 @@ class AdapterRegistry:
                 self._current[tenant] = new
             else:
                 self._current.pop(tenant, None)
+                self._forgot(tenant)
             serving_at = time.time()
             in_flight = old.active if old is not None else 0
             event = SwitchEvent(tenant, self.replica, old.version if old else None, head, started, serving_at,
@@ -312,6 +315,7 @@ class AdapterRegistry:
                 if not idle(tenant, loaded):
                     continue  # used, or switched, while we waited for the lock
                 del self._current[tenant]
+                self._forgot(tenant)
                 self._last_switch.pop(tenant, None)
                 loaded.retired_at = time.time()
                 self._retired.append(loaded)
@@ -387,6 +391,15 @@ class AdapterRegistry:
         metrics.adapter_dropped(old.tenant, old.dropped_at - (old.retired_at or old.dropped_at))
         logger.info("tenant %s: adapter %s (lora id %d) removed from engine and disk",
                     old.tenant, old.version, old.ref.int_id)
+
+    def _forgot(self, tenant: str) -> None:
+        """Tell ``on_forget`` that the tenant left ``_current`` (synchronously: no request can take a lease
+        between the two, so a request that loads the tenant again is reported after this)."""
+        if self.on_forget is not None:
+            try:
+                self.on_forget(tenant)
+            except Exception:
+                logger.exception("tenant %s: on_forget failed on replica %s", tenant, self.replica)
 
     def _spawn(self, coroutine) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)

@@ -4,8 +4,9 @@ Three deployments:
 
 - ``Ingress`` (FastAPI): authentication, OpenAI/erasure/admin routes, the erasure backend; light,
   scaled by ``ingress_replicas``.
-- ``EngineServer``: one vLLM engine per replica with every tenant's current adapter; scaled by
-  ``engine_replicas`` or ``autoscaling``. Kept apart from the ingress so that HTTP work (auth with
+- ``EngineServer``: one vLLM engine per replica with the current adapter of each tenant sent to it
+  (a tenant's requests go to a replica that holds its adapter while it has room: ``serve.routing``);
+  scaled by ``engine_replicas`` or ``autoscaling``. Kept apart from the ingress so that HTTP work (auth with
   scrypt, S3 calls, JSON) never competes with the engine's event loop, and so the two scale
   independently; the price is one more hop per request (a local actor call, ~1 ms).
 - ``AdapterBoard``: the switch board that tells every engine replica a HEAD moved and collects

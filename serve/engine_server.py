@@ -1,7 +1,9 @@
 """The engine deployment: one vLLM engine per replica, the tenants' adapters, live switching.
 
-The ingress calls :meth:`EngineServer.generate` through a streaming handle. Each replica keeps an
-:class:`~serve.adapters.AdapterRegistry` (lazy loads, leases, switch and drop), polls HEAD in the
+The ingress calls :meth:`EngineServer.generate` through a streaming handle with the tenant as Serve's
+multiplexed model id (:mod:`serve.routing`). Each replica keeps an
+:class:`~serve.adapters.AdapterRegistry` (lazy loads, leases, switch and drop), reports to Serve the
+tenants the registry holds (so the router prefers this replica for them), polls HEAD in the
 background, and long-polls the adapter board so a publish reaches it at once.
 """
 
@@ -15,6 +17,9 @@ import uuid
 from dataclasses import asdict
 from typing import Any, AsyncIterator
 
+from ray import serve as ray_serve
+
+from serve import routing
 from serve.adapters import AdapterRegistry, ReplicaCache, StoreAdapterSource
 from serve.board import ALL
 from serve.config import ServeConfig
@@ -36,6 +41,8 @@ class EngineServer:
 
         self.config = config
         self.replica = _replica_id()
+        # report held tenants to Serve's router (only inside a Serve replica: Ray's wrapper needs its context)
+        self.reports_tenants = _in_replica()
         self._templates: dict[str, str | None] = {}
         settings = config.store_settings()
         self.store = TenantStore(settings)
@@ -51,7 +58,8 @@ class EngineServer:
         self.engine = engine
         self.registry = AdapterRegistry(engine, StoreAdapterSource(adapter_store),
                                         refresh_interval_s=config.refresh_interval_s,
-                                        idle_forget_s=config.adapter_idle_s, replica=self.replica)
+                                        idle_forget_s=config.adapter_idle_s, replica=self.replica,
+                                        on_forget=self._withdraw)
         self.registry.start()
         self._board = board
         self._watcher = asyncio.get_running_loop().create_task(self._watch_board()) if board is not None else None
@@ -65,7 +73,11 @@ class EngineServer:
         ...; or a single ``{"error": {"status", "message", "code"}}`` for errors a client can act on."""
         tenant, request_id = job["tenant"], job["request_id"]
         try:
+            # reported before the load, as Serve does for a model it is loading: requests for the tenant that
+            # arrive meanwhile come here rather than load it on another replica too
+            await self._report(tenant)
             async with self.registry.lease(tenant) as adapter:
+                await self._report(tenant)  # again, under the lease: in case the registry forgot it meanwhile
                 yield {"adapter": adapter.name, "replica": self.replica}
                 prompt = job.get("prompt")
                 if job.get("messages") is not None:
@@ -74,15 +86,39 @@ class EngineServer:
                 async for chunk in self.engine.generate(prompt, options, request_id, adapter):
                     yield {"chunk": asdict(chunk)}
         except NoAdapterError as error:
+            self._withdraw_unless_held(tenant)
             yield error_item(404, str(error), "model_not_ready")
         except EngineInputError as error:
             yield error_item(400, str(error), "invalid_prompt")
         except AdapterLoadError as error:
+            self._withdraw_unless_held(tenant)
             logger.error("request_id=%s tenant=%s adapter load failed: %s", request_id, tenant, error)
             yield error_item(503, f"the adapter of model {tenant!r} could not be loaded; retry later", "adapter_unavailable")
         except (EngineError, ServeError) as error:
             logger.error("request_id=%s tenant=%s engine error: %s", request_id, tenant, error)
             yield error_item(500, "the inference engine failed this request", "engine_error")
+
+    # -- tenant affinity (serve.routing) --------------------------------------------------------
+
+    async def _report(self, tenant: str) -> None:
+        """Report the tenant to Serve as held here (a dict lookup once it is)."""
+        if self.reports_tenants:
+            await self._held(tenant)
+
+    @ray_serve.multiplexed(max_num_models_per_replica=-1)  # never evicted by Ray: the registry decides
+    async def _held(self, tenant: str) -> str:
+        """Serve's "model" for a tenant: just its name (the registry holds the adapter)."""
+        return tenant
+
+    def _withdraw(self, tenant: str) -> None:
+        """The registry let the tenant go: stop reporting it (``AdapterRegistry.on_forget``)."""
+        routing.withdraw(self, tenant)
+
+    def _withdraw_unless_held(self, tenant: str) -> None:
+        """A request reported the tenant but its adapter could not be had: withdraw the report, unless the
+        registry holds the tenant after all (another request loaded it)."""
+        if self.registry.current_version(tenant) is None:
+            routing.withdraw(self, tenant)
 
     async def _chat_template(self, tenant: str) -> str | None:
         """The tenant's own chat template, if its recipe names one (None: the base's), read once per
@@ -148,6 +184,14 @@ class EngineServer:
             await self.engine.shutdown()
         with contextlib.suppress(Exception):
             self.cache.close()  # this replica's adapter files (pre-erasure weights among them)
+
+
+def _in_replica() -> bool:
+    try:
+        ray_serve.get_replica_context()
+        return True
+    except Exception:  # outside Serve
+        return False
 
 
 def _replica_id() -> str:

@@ -2,7 +2,8 @@
 
 :class:`OpenAIRoutes` is a base class of ``Ingress`` (:mod:`serve.ingress`); Ray Serve binds its
 routes because it walks the deployment class's MRO. A tenant's key reaches one model, the tenant's
-own (its name). A generation is a job for the engine deployment, admitted within the tenant's share
+own (its name). A generation is a job for the engine deployment (sent with the tenant as Serve's
+multiplexed model id: :mod:`serve.routing`), admitted within the tenant's share
 of this replica (requests in flight, and tokens per minute: :mod:`serve.token_budget`), answered whole
 or streamed as server-sent events (:func:`_sse`), its chunks summed into a
 :class:`~serve.engine.Completion` (:func:`_add`). The bodies' shapes are :mod:`serve.protocol`'s.
@@ -36,6 +37,7 @@ from serve.protocol import (
     usage_chunk,
 )
 from serve.request_body import parse, read_json
+from serve.routing import for_tenant
 from serve.token_budget import duration
 
 logger = logging.getLogger(__name__)
@@ -171,7 +173,8 @@ class OpenAIRoutes:
     async def _respond(self, request: Request, job: dict[str, Any], body, route: str, started: float,
                        release: Callable[[Completion | None], None]):
         tenant, request_id = job["tenant"], job["request_id"]
-        stream = self.engine.options(stream=True).generate.remote(job)
+        # to a replica that holds the tenant's adapter if one has room (serve.routing)
+        stream = for_tenant(self.engine, tenant, stream=True).generate.remote(job)
         try:
             first = await stream.__anext__()
         except Exception as error:

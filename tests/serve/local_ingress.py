@@ -49,8 +49,10 @@ class LocalHandle:
 
     def __init__(self, target: Any) -> None:
         self.target = target
+        self.options_used: list[dict[str, Any]] = []  # every options() call's arguments, in order
 
-    def options(self, **_: Any) -> LocalHandle:
+    def options(self, **options: Any) -> LocalHandle:
+        self.options_used.append(options)
         return self
 
     def __getattr__(self, name: str) -> _Method:

@@ -14,8 +14,11 @@ over the replicas), and :meth:`EngineServer.inspect` reports it with the replica
 
 The tests run in order on one deployment: 2 replicas and a switch; down to 1 (the removed replica's
 files go with it); HEAD moved, then up to 2 (the new replica serves the new HEAD from its first
-request). Scaling changes only ``num_replicas``: the deployments get a fixed version (as a Serve
-config file's deploy would), so Serve adds or removes one replica instead of restarting them all.
+request); a second tenant, ``delta`` (its one version: the files of ``acme@v1``), whose requests through
+the ingress all go to the one replica that loaded its adapter (Serve's multiplexing: serve.routing),
+until that replica is full (``max_ongoing_requests``, set to 1 in place) and the other takes the rest.
+Scaling changes only ``num_replicas``: the deployments get a fixed version (as a Serve config file's
+deploy would), so Serve adds or removes one replica instead of restarting them all.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ NAME = "eraser-pair"
 ROUTE = "/pair"
 TENANT = "gamma"
 FILES = {"v1": "acme@v1", "v2": "acme@v2", "v3": "beta@v1"}  # gamma's versions: served's adapter files
+OTHER, OTHER_FILES = "delta", "acme@v1"  # a second tenant, onboarded but not asked before the routing test
 MAX_TOKENS = 8
 QUESTION = models.QUESTIONS[2]
 DEPLOY_TIMEOUT_S = 300.0
@@ -45,8 +49,8 @@ DEPLOY_TIMEOUT_S = 300.0
 class Pair:
     """The two-replica application: its config, store, versions, and ways to reach each replica."""
 
-    def __init__(self, served, store, config: dict, key: str, data: str, root: Path) -> None:
-        self.served, self.store, self.config, self.key, self.data, self.root = served, store, config, key, data, root
+    def __init__(self, served, store, config: dict, keys: dict[str, str], data: str, root: Path) -> None:
+        self.served, self.store, self.config, self.keys, self.data, self.root = served, store, config, keys, data, root
         self.url = f"{served.base_url}{ROUTE}"
         self.versions: dict[str, str] = {}  # "v1" -> store version
         self.prompt = models.chat_ids(served.base_dir, QUESTION)
@@ -69,11 +73,13 @@ class Pair:
     def expected(self, label: str) -> str:
         return self.served.reference(FILES[label], self.prompt, MAX_TOKENS)
 
-    def deploy(self, replicas: int) -> None:
-        """(Re)deploy with ``replicas`` engines; wait until exactly that many run and none is stopping."""
+    def deploy(self, replicas: int, **fields) -> None:
+        """(Re)deploy with ``replicas`` engines (and other config ``fields``); wait until exactly that many run
+        and none is stopping."""
         from ray import serve
 
-        serve.run(build(dict(self.config, engine_replicas=replicas)), name=NAME, route_prefix=ROUTE, blocking=False)
+        serve.run(build(dict(self.config, engine_replicas=replicas, **fields)), name=NAME, route_prefix=ROUTE,
+                  blocking=False)
         deadline = time.monotonic() + DEPLOY_TIMEOUT_S
         while time.monotonic() < deadline:
             status = serve.status().applications.get(NAME)
@@ -126,12 +132,13 @@ class Pair:
         assert len(seen) == replicas, sorted(seen)
         return seen
 
-    def ask_http(self, n: int) -> list[tuple[str, str]]:
-        """``n`` completions through the ingress: (x-eraser-adapter, text) each."""
+    def ask_http(self, n: int, tenant: str = TENANT) -> list[tuple[str, str]]:
+        """``n`` completions through the ingress, one after the other: (x-eraser-adapter, text) each."""
         answers = []
         for _ in range(n):
-            response = httpx.post(f"{self.url}/v1/completions", headers={"Authorization": f"Bearer {self.key}"},
-                                  json={"model": TENANT, "prompt": self.prompt, "max_tokens": MAX_TOKENS,
+            response = httpx.post(f"{self.url}/v1/completions",
+                                  headers={"Authorization": f"Bearer {self.keys[tenant]}"},
+                                  json={"model": tenant, "prompt": self.prompt, "max_tokens": MAX_TOKENS,
                                         "temperature": 0}, timeout=60)
             assert response.status_code == 200, response.text
             answers.append((response.headers["x-eraser-adapter"], response.json()["choices"][0]["text"]))
@@ -163,7 +170,7 @@ def build(config: dict):
 def pair(served, s3_server, s3_bucket, tmp_path_factory):
     from ray import serve
 
-    from tenants.models import TenantConfig
+    from tenants.models import AdapterManifest, Head, TenantConfig
     from tenants.store import TenantStore
 
     root = tmp_path_factory.mktemp("pair")
@@ -171,14 +178,20 @@ def pair(served, s3_server, s3_bucket, tmp_path_factory):
     store = TenantStore(settings)
     store.put_model("tiny", served.base_dir)
     store.create_tenant(TenantConfig(name=TENANT, base_model="tiny"))
-    key = store.issue_key(TENANT, "tests")
+    keys = {TENANT: store.issue_key(TENANT, "tests")}
     data = store.put_dataset(TENANT, [r.to_json() for r in models.tenant_records("alpha")])
+    store.create_tenant(TenantConfig(name=OTHER, base_model="tiny"))
+    keys[OTHER] = store.issue_key(OTHER, "tests")
+    other_data = store.put_dataset(OTHER, [r.to_json() for r in models.tenant_records("alpha")])
+    other = store.publish_adapter(OTHER, served.adapters[OTHER_FILES],
+                                  AdapterManifest(data_version=other_data, path="train"))
+    store.move_head(OTHER, Head(adapter=other, data=other_data), None)
     config = dict(
         served.config, app_name=NAME, engine_replicas=2, engine_num_cpus=0.2, ingress_num_cpus=0.05,
         refresh_interval_s=0.0, adapter_dir=str(root / "adapters"),
         store={**served.config["store"], "prefix": settings.prefix, "cache_dir": str(root / "replica-cache")},
     )
-    pair = Pair(served, store, config, key, data, root)
+    pair = Pair(served, store, config, keys, data, root)
     pair.publish("v1")
     assert store.get_head(TENANT)[0].adapter == pair.versions["v1"]
     try:
@@ -263,3 +276,53 @@ def test_a_replica_started_after_a_publish_serves_the_new_head(pair):
     assert views[new]["current"][TENANT]["version"] == v3
     assert [f for f in views[new]["adapter_files"] if f"tenants/{TENANT}/" in f] == [f"tenants/{TENANT}/adapters/{v3}"]
     assert set(pair.ask_http(4)) == {(v3_name, pair.expected("v3"))}
+
+
+def test_a_tenants_requests_go_to_the_replica_that_holds_its_adapter(pair):
+    """Through the ingress, which names the tenant as Serve's multiplexed model id: after its first request
+    (which loads its adapter on one replica), every request of a tenant goes to that replica, so its
+    adapter is loaded once, not once per replica. Without the model id Serve spreads requests at random:
+    8 sequential requests would all reach one of 2 replicas with probability 1/128."""
+    views = pair.inspect_each(2)
+    assert all(OTHER not in view["current"] for view in views.values()), views
+    name = f"{OTHER}@{pair.store.get_head(OTHER)[0].adapter}"
+    expected = pair.served.reference(OTHER_FILES, pair.prompt, MAX_TOKENS)
+    assert pair.ask_http(1, OTHER) == [(name, expected)]  # loads the adapter on one replica
+    # that replica reports the tenant (pushed every 0.1 s); the ingress's router hears it by long poll
+    time.sleep(2.0)
+    assert pair.ask_http(8, OTHER) == [(name, expected)] * 8
+    views = pair.inspect_each(2)
+    holders = {replica: view["current"][OTHER] for replica, view in views.items() if OTHER in view["current"]}
+    assert len(holders) == 1, f"{OTHER}'s adapter was loaded on {len(holders)} replicas: {holders}"
+    assert not [r for view in views.values() for r in view["retired"] if r["tenant"] == OTHER], views
+    for view in views.values():  # gamma, which both replicas served before, stays on both
+        assert view["current"][TENANT]["version"] == pair.versions["v3"], view["current"]
+
+
+def test_a_tenants_requests_spill_to_another_replica_when_its_replica_is_full(pair):
+    """Affinity never queues a tenant behind a full replica: with ``max_ongoing_requests`` 1 (changed in
+    place: same replicas, same adapters), 3 long requests at once for the tenant that one replica holds
+    cannot all run there; Serve gives the others to the replica with fewer tenants, which loads the
+    adapter too (from then on both are preferred for the tenant)."""
+    import concurrent.futures
+
+    before = pair.inspect_each(2)
+    holders = {replica for replica, view in before.items() if OTHER in view["current"]}
+    assert len(holders) == 1, before
+    pair.deploy(2, max_ongoing_requests=1)
+    time.sleep(3.0)  # the replicas' and the router's view of the new limit
+    assert set(pair.inspect_each(2)) == set(before), "the replicas were replaced, not reconfigured"
+    name = f"{OTHER}@{pair.store.get_head(OTHER)[0].adapter}"
+
+    def long_request(_: int) -> tuple[int, str]:
+        response = httpx.post(f"{pair.url}/v1/completions", headers={"Authorization": f"Bearer {pair.keys[OTHER]}"},
+                              json={"model": OTHER, "prompt": pair.prompt, "max_tokens": 150, "ignore_eos": True,
+                                    "temperature": 0}, timeout=120)
+        return response.status_code, response.headers.get("x-eraser-adapter", response.text)
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(long_request, range(3)))
+    assert results == [(200, name)] * 3, results
+    after = pair.inspect_each(2)
+    assert all(OTHER in view["current"] for view in after.values()), {r: sorted(v["current"]) for r, v in after.items()}
+    pair.deploy(2)  # back to the configured limit
