@@ -9,10 +9,12 @@ Serving is the real application (``serve.app:build_app``: ingress, one vLLM engi
 board) on the session's Ray head, reading the store through the same faulty proxy, with its switch
 notifier registered as the coordinators' publish hook, so every erasure switches the replica. A chat
 client sends OpenAI chat completions (each tenant's own key, no retries) round robin for the whole
-window. A chat may fail only while the engine replica is down: from its kill until Serve reports the
-restarted replica running, plus ``KILL_MARGIN_S``; failures outside that window fail the test. Chats
-must succeed again after the restart, and once the erasures converged each tenant is answered by HEAD's
-adapter.
+window. The engine replica is killed once, after the first erasure moved a HEAD (so switches happen on
+the killed replica and on its successor). A chat may fail only while the engine replica is down: from its
+kill until Serve reports the restarted replica running, plus ``KILL_MARGIN_S``; failures outside that
+window fail the test. Chats must be answered again after the restart, and once the erasures converged
+each tenant must be answered by HEAD's adapter. The ``[measure]`` line counts the faults, the chats
+(answered, failed inside and outside the window), the engine's downtime and the time to converge.
 
 Not covered here: more than one engine or ingress replica, ingress kills, and streamed (SSE) chats.
 """
@@ -26,7 +28,9 @@ import signal
 import socket
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
+from typing import Callable
 
 import pytest
 
@@ -151,13 +155,15 @@ def engine_running() -> int:
     return dict(engine.replica_states or {}).get("RUNNING", 0) if engine is not None else 0
 
 
-def kill_engine_replica(after_s: float, stop: threading.Event, kills: list[dict]) -> None:
-    """After ``after_s``, kill the engine replica (Serve starts another) and record the kill's time and the
-    time the new replica is running: ``kills`` gets ``{"killed", "back"}`` (monotonic; back None if never)."""
+def kill_engine_replica(when: Callable[[], bool], give_up: threading.Event, kills: list[dict]) -> None:
+    """Once ``when()`` holds, kill the engine replica (Serve starts another) and record the kill's time and
+    the time the new replica runs: ``kills`` gets ``{"killed", "back", "replica"}`` (monotonic; back None
+    if it was not back within ``ENGINE_BACK_TIMEOUT_S``)."""
     import ray
 
-    if stop.wait(after_s):
-        return
+    while not when():
+        if give_up.wait(1.0):
+            return
     (name,) = engine_replicas()
     ray.kill(ray.get_actor(name, namespace="serve"), no_restart=False)
     kill = {"killed": time.monotonic(), "back": None, "replica": name}
@@ -283,7 +289,8 @@ def test_chaos_every_receipt_true_after_faults(ray_cluster, grace0_settings, tin
     random.Random(15).shuffle(stream)
     faults = {"coordinator_kills": 0, "worker_kills": 0, "submit_errors": 0}
     engine_kills: list[dict] = []
-    stop = threading.Event()
+    stop = threading.Event()  # the end of the chaos window (the engine kill and the chats go on until the end)
+    test_over = threading.Event()
 
     def chaos() -> None:
         rng = random.Random(15)
@@ -311,7 +318,10 @@ def test_chaos_every_receipt_true_after_faults(ray_cluster, grace0_settings, tin
                         pass
 
     killer = threading.Thread(target=chaos, daemon=True)
-    engine_killer = threading.Thread(target=kill_engine_replica, args=(10.0, stop, engine_kills), daemon=True)
+    def first_switch() -> bool:  # the engine dies once an erasure moved a HEAD: switches before and after the kill
+        return any(store.get_head(t)[0].adapter != "v000001" for t in TENANTS)
+
+    engine_killer = threading.Thread(target=kill_engine_replica, args=(first_switch, test_over, engine_kills), daemon=True)
     chats = reconciler = None
     try:
         base_url = start_serving(faulty, tmp_path)
@@ -321,6 +331,7 @@ def test_chaos_every_receipt_true_after_faults(ray_cluster, grace0_settings, tin
         serving_ready = time.monotonic()
         reconciler = service.start_reconciler(interval_s=3.0)
         chats.start()
+        chaos_started = time.monotonic()
         killer.start()
         engine_killer.start()
         for request in stream:  # a client that retries until its request is recorded (idempotent by id)
@@ -332,7 +343,9 @@ def test_chaos_every_receipt_true_after_faults(ray_cluster, grace0_settings, tin
                     faults["submit_errors"] += 1
                     time.sleep(1.0)
             time.sleep(2.0)
-        time.sleep(20.0)  # the chaos goes on a while after the last request
+        time.sleep(20.0)  # the chaos goes on a while after the last request, and until the engine was killed
+        while not engine_kills and engine_killer.is_alive() and time.monotonic() < chaos_started + 240:
+            time.sleep(1.0)
         stop.set()
         killer.join(10)
         chaos_over = time.monotonic()
@@ -349,6 +362,7 @@ def test_chaos_every_receipt_true_after_faults(ray_cluster, grace0_settings, tin
         served = wait_served_at_head(base_url, store, keys, questions)
     finally:
         stop.set()
+        test_over.set()
         if chats is not None:
             chats.close()
         if reconciler is not None:
@@ -367,24 +381,32 @@ def test_chaos_every_receipt_true_after_faults(ray_cluster, grace0_settings, tin
     outside = [c for c in failed if not in_a_kill_window(c, engine_kills)]
     back = engine_kills[0]["back"] if engine_kills else None
     answered_after = sum(c.error is None and back is not None and c.started > back for c in chats.chats)
-    downtime = f"{back - engine_kills[0]['killed']:.0f}s" if back is not None else "never back"
+    reasons = Counter(c.error.split(":")[0] for c in failed)
+    longest = max((c.ended - c.started for c in chats.chats), default=0.0)  # a chat that waited out the restart
+    switched = sum(r.replicas_switched_at is not None for r in receipts if r.status == ReceiptStatus.published)
+    downtime = "none" if not engine_kills else (
+        f"{engine_kills[0]['killed'] - chaos_started:.0f}s into the chaos, down "
+        + (f"{back - engine_kills[0]['killed']:.0f}s" if back is not None else "and never back"))
     with capsys.disabled():
         print(f"\n[measure] chaos: {len(stream)} requests over {len(TENANTS)} tenants; injected: S3 "
               f"{proxy_counts['failed']} failed + {proxy_counts['dropped']} dropped responses of "
               f"{proxy_counts['requests']} requests, {faults['coordinator_kills']} coordinator kills, "
-              f"{faults['worker_kills']} job-worker kills, {len(engine_kills)} engine-replica kill (down {downtime}); "
+              f"{faults['worker_kills']} job-worker kills, {len(engine_kills)} engine-replica kill ({downtime}); "
               f"{faults['submit_errors']} submit errors retried by the client; receipts {by_status}, {attempts} "
-              f"failed attempts recorded, {reconciler.passes} reconciler passes ({len(reconciler.runs)} rounds "
-              f"started); chats {len(chats.chats)} sent, {len(chats.chats) - len(failed)} answered "
-              f"({answered_after} after the restart), {len(failed)} failed ({len(failed) - len(outside)} in the "
-              f"engine kill's window, {len(outside)} outside); serving ready {serving_ready - started:.0f}s in; "
-              f"converged {converged - chaos_over:.0f}s after the chaos ended, {converged - started:.0f}s in all")
+              f"failed attempts recorded, {switched} switches confirmed by the serving hook, {reconciler.passes} "
+              f"reconciler passes ({len(reconciler.runs)} rounds started); chats {len(chats.chats)} sent, "
+              f"{len(chats.chats) - len(failed)} answered ({answered_after} after the restart; longest {longest:.0f}s), "
+              f"{len(failed)} failed "
+              f"({len(failed) - len(outside)} in the engine kill's window, {len(outside)} outside: {dict(reasons)}); "
+              f"serving ready {serving_ready - started:.0f}s in; converged {converged - chaos_over:.0f}s after the "
+              f"chaos ended, {converged - started:.0f}s in all")
     assert not problems, problems
     assert len(receipts) == len(stream)
     assert by_status["rejected"] == len(TENANTS)  # the invalid ones, and only they
     assert by_status["published"] + by_status["failed"] == 2 * len(TENANTS)
     assert proxy_counts["failed"] + proxy_counts["dropped"] > 0 and faults["coordinator_kills"] > 0
-    assert engine_kills and back is not None, f"the engine replica was not back in {ENGINE_BACK_TIMEOUT_S:.0f}s"
+    assert engine_kills, "the engine replica was never killed (no HEAD moved?)"
+    assert back is not None, f"the engine replica was not back {ENGINE_BACK_TIMEOUT_S:.0f}s after its kill"
     assert not outside, [(c.tenant, round(c.started - started, 1), round(c.ended - started, 1), c.error)
                          for c in outside[:5]]
     assert answered_after > 0
