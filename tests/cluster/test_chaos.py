@@ -321,7 +321,8 @@ def test_chaos_every_receipt_true_after_faults(ray_cluster, grace0_settings, tin
     def first_switch() -> bool:  # the engine dies once an erasure moved a HEAD: switches before and after the kill
         return any(store.get_head(t)[0].adapter != "v000001" for t in TENANTS)
 
-    engine_killer = threading.Thread(target=kill_engine_replica, args=(first_switch, test_over, engine_kills), daemon=True)
+    engine_killer = threading.Thread(target=kill_engine_replica, args=(first_switch, test_over, engine_kills),
+                                     daemon=True)
     chats = reconciler = None
     try:
         base_url = start_serving(faulty, tmp_path)
@@ -395,9 +396,9 @@ def test_chaos_every_receipt_true_after_faults(ray_cluster, grace0_settings, tin
               f"{faults['submit_errors']} submit errors retried by the client; receipts {by_status}, {attempts} "
               f"failed attempts recorded, {switched} switches confirmed by the serving hook, {reconciler.passes} "
               f"reconciler passes ({len(reconciler.runs)} rounds started); chats {len(chats.chats)} sent, "
-              f"{len(chats.chats) - len(failed)} answered ({answered_after} after the restart; longest {longest:.0f}s), "
-              f"{len(failed)} failed "
-              f"({len(failed) - len(outside)} in the engine kill's window, {len(outside)} outside: {dict(reasons)}); "
+              f"{len(chats.chats) - len(failed)} answered ({answered_after} after the restart; longest "
+              f"{longest:.0f}s), {len(failed)} failed ({len(failed) - len(outside)} in the engine kill's window, "
+              f"{len(outside)} outside: {dict(reasons)}); "
               f"serving ready {serving_ready - started:.0f}s in; converged {converged - chaos_over:.0f}s after the "
               f"chaos ended, {converged - started:.0f}s in all")
     assert not problems, problems
