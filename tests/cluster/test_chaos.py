@@ -9,9 +9,9 @@ Serving is the real application (``serve.app:build_app``: ingress, one vLLM engi
 board) on the session's Ray head, reading the store through the same faulty proxy, with its switch
 notifier registered as the coordinators' publish hook, so every erasure switches the replica. A chat
 client sends OpenAI chat completions (each tenant's own key, no retries) round robin for the whole
-window. The engine replica is killed once, after the first erasure moved a HEAD (so switches happen on
-the killed replica and on its successor). A chat may fail only while the engine replica is down: from its
-kill until Serve reports the restarted replica running, plus ``KILL_MARGIN_S``; failures outside that
+window. The engine replica is killed once: when the first erasure moved a HEAD (so switches happen on the
+killed replica and on its successor) or ``KILL_AT_LATEST_S`` into the chaos, whichever comes first. A chat
+may fail only while the engine replica is down: from its kill until Serve reports the restarted replica running, plus ``KILL_MARGIN_S``; failures outside that
 window fail the test. Chats must be answered again after the restart, and once the erasures converged
 each tenant must be answered by HEAD's adapter. The ``[measure]`` line counts the faults, the chats
 (answered, failed inside and outside the window), the engine's downtime and the time to converge.
@@ -57,6 +57,7 @@ ENGINE_CPUS, INGRESS_CPUS, JOB_CPUS = 0.25, 0.1, 0.8
 # A chat failing up to this long after the restarted replica was reported running still counts as the kill's.
 KILL_MARGIN_S = 5.0
 ENGINE_BACK_TIMEOUT_S = 240.0
+KILL_AT_LATEST_S = 60.0
 
 
 def start_serving(settings, cache_root) -> str:
@@ -318,12 +319,14 @@ def test_chaos_every_receipt_true_after_faults(ray_cluster, grace0_settings, tin
                         pass
 
     killer = threading.Thread(target=chaos, daemon=True)
-    def first_switch() -> bool:  # the engine dies once an erasure moved a HEAD: switches before and after the kill
-        return any(store.get_head(t)[0].adapter != "v000001" for t in TENANTS)
+    def first_switch() -> bool:  # the engine dies once an erasure moved a HEAD (switches before and after the
+        # kill), or KILL_AT_LATEST_S into the chaos (the window lasts until the kill: this bounds the test's time)
+        late = chaos_started is not None and time.monotonic() > chaos_started + KILL_AT_LATEST_S
+        return late or any(store.get_head(t)[0].adapter != "v000001" for t in TENANTS)
 
     engine_killer = threading.Thread(target=kill_engine_replica, args=(first_switch, test_over, engine_kills),
                                      daemon=True)
-    chats = reconciler = None
+    chats = reconciler = chaos_started = None
     try:
         base_url = start_serving(faulty, tmp_path)
         service.register_publish_hook(f"serve:{APP}", SwitchNotifier(APP, timeout_s=30.0))
