@@ -11,10 +11,11 @@ notifier registered as the coordinators' publish hook, so every erasure switches
 client sends OpenAI chat completions (each tenant's own key, no retries) round robin for the whole
 window. The engine replica is killed once: when the first erasure moved a HEAD (so switches happen on the
 killed replica and on its successor) or ``KILL_AT_LATEST_S`` into the chaos, whichever comes first. A chat
-may fail only while the engine replica is down: from its kill until Serve reports the restarted replica running, plus ``KILL_MARGIN_S``; failures outside that
-window fail the test. Chats must be answered again after the restart, and once the erasures converged
-each tenant must be answered by HEAD's adapter. The ``[measure]`` line counts the faults, the chats
-(answered, failed inside and outside the window), the engine's downtime and the time to converge.
+may fail only while the engine replica is down: from its kill until Serve reports the restarted replica
+running, plus ``KILL_MARGIN_S``; failures outside that window fail the test. Chats must be answered again
+after the restart, and once the erasures converged each tenant must be answered by HEAD's adapter. The
+``[measure]`` line counts the faults, the chats (answered, failed inside and outside the window), the
+engine's downtime and the time to converge.
 
 Not covered here: more than one engine or ingress replica, ingress kills, and streamed (SSE) chats.
 """
