@@ -372,7 +372,9 @@ def test_chaos_every_receipt_true_after_faults(ray_cluster, grace0_settings, tin
             chats.close()
         if reconciler is not None:
             reconciler.stop()
-        serve.delete(APP)  # its CPUs go back to the session's head
+        # Serve itself goes too (controller and HTTP proxy), not only the app: while Serve runs, a later
+        # serve.start ignores its http_options, so tests/serve's application would listen on this port.
+        serve.shutdown()
         proxy_counts = dict(proxy.counts)
         proxy.stop()
         for tenant in TENANTS:
