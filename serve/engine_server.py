@@ -40,9 +40,10 @@ class EngineServer:
         from tenants.store import TenantStore
 
         self.config = config
-        self.replica = _replica_id()
+        context = _replica_context()
+        self.replica = context.replica_id.unique_id if context else f"local-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         # report held tenants to Serve's router (only inside a Serve replica: Ray's wrapper needs its context)
-        self.reports_tenants = _in_replica()
+        self.reports_tenants = context is not None
         self._templates: dict[str, str | None] = {}
         settings = config.store_settings()
         self.store = TenantStore(settings)
@@ -186,18 +187,9 @@ class EngineServer:
             self.cache.close()  # this replica's adapter files (pre-erasure weights among them)
 
 
-def _in_replica() -> bool:
+def _replica_context():
+    """Serve's context of this replica, or None outside Serve (tests constructing the server directly)."""
     try:
-        ray_serve.get_replica_context()
-        return True
+        return ray_serve.get_replica_context()
     except Exception:  # outside Serve
-        return False
-
-
-def _replica_id() -> str:
-    try:
-        from ray import serve
-
-        return serve.get_replica_context().replica_id.unique_id
-    except Exception:  # outside Serve (tests constructing it directly)
-        return f"local-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        return None

@@ -26,7 +26,6 @@ import json
 import os
 import random
 import signal
-import socket
 import threading
 import time
 from collections import Counter
@@ -44,6 +43,7 @@ from tenants.models import ReceiptStatus
 from tenants.store import TenantStore
 from tests.cluster.conftest import onboard_local
 from tests.cluster.helpers import BASE_NAME, PIPELINE, remove_subject
+from tests.cluster.ray_head import free_ports
 from tests.cluster.s3_proxy import FaultyS3Proxy
 
 pytestmark = pytest.mark.slow
@@ -69,9 +69,7 @@ def start_serving(settings, cache_root) -> str:
     from cli.store_args import serve_store_args
     from serve.app import build_app
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    (port,) = free_ports(1)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     config = {
         "app_name": APP,
@@ -194,7 +192,6 @@ def served_adapter(base_url: str, key: str, tenant: str, question: str) -> str:
     raw = client.chat.completions.with_raw_response.create(
         model=tenant, messages=[{"role": "user", "content": question}], max_tokens=4, temperature=0)
     return raw.headers["x-eraser-adapter"]
-
 
 
 def check_invariants(store: TenantStore, tenant: str, options: CoordinatorOptions) -> list[str]:
@@ -320,6 +317,7 @@ def test_chaos_every_receipt_true_after_faults(ray_cluster, grace0_settings, tin
                         pass
 
     killer = threading.Thread(target=chaos, daemon=True)
+
     def first_switch() -> bool:  # the engine dies once an erasure moved a HEAD (switches before and after the
         # kill), or KILL_AT_LATEST_S into the chaos (the window lasts until the kill: this bounds the test's time)
         late = chaos_started is not None and time.monotonic() > chaos_started + KILL_AT_LATEST_S
